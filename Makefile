@@ -1,0 +1,50 @@
+# One entry point for people and CI. `make test` and `make demo` set everything up themselves.
+VENV      ?= .venv
+PY        := $(VENV)/bin/python
+STAMP     := $(VENV)/.setup-stamp
+SHARE     := $(VENV)/share/dreambooth
+CLIP_BPE  := $(SHARE)/bpe_simple_vocab_16e6.txt.gz
+OPEN_CLIP := open_clip_torch==3.3.0
+BUF       := npx -y @bufbuild/buf@1.75.0
+
+.PHONY: setup test test-slow lint proto demo bench clean-venv
+
+setup: $(STAMP)
+
+# Re-runs when the package definitions change; idempotent otherwise.
+$(STAMP): pyproject.toml clients/python/pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first: the CPU wheel on these machines (a GPU machine gets the CUDA build of the same version).
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e clients/python -e '.[dev]'
+	# The real CLIP BPE vocabulary ships inside the open_clip wheel; take the file, not the package.
+	mkdir -p $(SHARE)
+	test -s $(CLIP_BPE) || ( $(PY) -m pip download -q --no-deps --only-binary=:all: $(OPEN_CLIP) -d $(SHARE)/wheels \
+	  && $(PY) -c "import glob,zipfile,sys; z=zipfile.ZipFile(glob.glob('$(SHARE)/wheels/open_clip_torch-*.whl')[0]); open('$(CLIP_BPE)','wb').write(z.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))" )
+	touch $(STAMP)
+
+test: setup
+	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(BUF) lint
+
+proto: setup
+	$(PY) tools/gen_protos.py
+
+demo: setup
+	$(PY) -m services.demo
+
+bench: setup
+	$(PY) bench/inference.py
+	$(PY) bench/priorgen.py
+	$(PY) bench/train.py
+
+clean-venv:
+	rm -rf $(VENV)

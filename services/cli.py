@@ -1,0 +1,37 @@
+"""`dreambooth-server`: one command for every server-side entry point.
+
+Subcommands are imported lazily so `dreambooth-server make-tiny-model` never imports Ray and
+`dreambooth-server inference` never imports the trainer.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "make-tiny-model": ("services.common.tiny_model_cli", "build a tiny Stable Diffusion from a seed"),
+    "import-model": ("services.common.model_store_cli", "import a diffusers folder as a base model"),
+    "inference": ("services.inference.main", "run the inference gRPC service"),
+    "priorgen": ("services.priorgen.main", "run the prior-generation gRPC service"),
+    "trainer": ("services.trainer.main", "run the trainer gRPC service"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: dreambooth-server COMMAND [ARGS]", "", "commands:"]
+    lines += [f"  {name:<16} {help_text}" for name, (_, help_text) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
+        print(usage(), file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    module = importlib.import_module(COMMANDS[args[0]][0])
+    return int(module.main(args[1:]) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
