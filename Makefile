@@ -7,7 +7,7 @@ CLIP_BPE  := $(SHARE)/bpe_simple_vocab_16e6.txt.gz
 OPEN_CLIP := open_clip_torch==3.3.0
 BUF       := npx -y @bufbuild/buf@1.75.0
 
-.PHONY: setup test test-slow lint proto demo bench clean-venv
+.PHONY: setup tools test test-slow lint proto demo bench clean-venv
 
 setup: $(STAMP)
 
@@ -23,6 +23,13 @@ $(STAMP): pyproject.toml clients/python/pyproject.toml Makefile
 	test -s $(CLIP_BPE) || ( $(PY) -m pip download -q --no-deps --only-binary=:all: $(OPEN_CLIP) -d $(SHARE)/wheels \
 	  && $(PY) -c "import glob,zipfile,sys; z=zipfile.ZipFile(glob.glob('$(SHARE)/wheels/open_clip_torch-*.whl')[0]); open('$(CLIP_BPE)','wb').write(z.read('open_clip/bpe_simple_vocab_16e6.txt.gz'))" )
 	touch $(STAMP)
+
+# Optional system tools some checks use (promtool from Debian's prometheus package). Needs root and
+# apt-get; without them those checks are skipped with a reason.
+tools:
+	@command -v promtool >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	  && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || echo "promtool not installed: metric and rule checks will be skipped"
 
 test: setup
 	$(PY) -m pytest

@@ -1,0 +1,85 @@
+"""Image bytes in and out of the services: untrusted uploads decoded safely, results encoded.
+
+Decoding checks the pixel count from the header before any pixel is decoded (a small PNG can
+claim 100k x 100k pixels), applies the EXIF orientation (phone photos are stored sideways), and
+turns anything unreadable into InvalidArgument naming the request field. PIL's global
+`Image.MAX_IMAGE_PIXELS` is left alone: the limit is the caller's, per call.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from services.common.errors import InvalidArgument
+
+ENCODE_FORMATS = ("png", "jpeg", "webp")
+# What people upload (the JPEG opener also yields MPO, how Pillow names many phone JPEGs).
+# Every other container is refused without being parsed.
+DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
+_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encode_image(
+    image: Image.Image, fmt: str = "png", quality: int = 90, field: str = "output_format"
+) -> bytes:
+    """RGB bytes in `fmt` (png | jpeg | webp); same image and arguments => same bytes."""
+    if fmt not in _PIL_FORMAT:
+        raise InvalidArgument(
+            field, f"unsupported image format {fmt!r}; expected one of {', '.join(ENCODE_FORMATS)}"
+        )
+    if not 1 <= quality <= 100:
+        raise InvalidArgument("quality", f"must be between 1 and 100, got {quality}")
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    out = io.BytesIO()
+    if fmt == "png":
+        rgb.save(out, format="PNG", optimize=False, compress_level=6)  # no metadata chunks
+    elif fmt == "jpeg":
+        rgb.save(out, format="JPEG", quality=quality, optimize=False, progressive=False)
+    else:
+        rgb.save(out, format="WEBP", quality=quality, method=4, exact=False)
+    return out.getvalue()
+
+
+def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
+    """A fully loaded RGB image from untrusted bytes, upright per EXIF, at most `max_pixels`."""
+    if not data:
+        raise InvalidArgument(field, "image is empty")
+    try:
+        with warnings.catch_warnings():
+            # Our own limit below is the one that matters; PIL's global warning is noise here.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data), formats=DECODE_FORMATS)  # reads the header only
+            width, height = image.size
+            if width <= 0 or height <= 0:
+                raise InvalidArgument(field, f"image has an empty size {width}x{height}")
+            if width * height > max_pixels:
+                raise InvalidArgument(
+                    field, f"image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}"
+                )
+            image.load()
+            upright = ImageOps.exif_transpose(image) or image
+            return _to_rgb(upright)
+    except InvalidArgument:
+        raise
+    except Image.DecompressionBombError as err:
+        raise InvalidArgument(field, f"image is too large: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        # Truncated or corrupt files surface as any of these from Pillow's decoders.
+        raise InvalidArgument(field, f"not a readable PNG, JPEG, WebP, BMP or GIF image ({err})") from err
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """RGB; transparent areas become white (product shots on transparent backgrounds)."""
+    if image.mode == "RGB":
+        return image
+    if image.mode == "P" and "transparency" in image.info:
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB")

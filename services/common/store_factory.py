@@ -1,0 +1,23 @@
+"""Pick the object store backend from settings: S3 when an endpoint is set, else a local directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from services.common.local_store import LocalObjectStore
+from services.common.object_store import ObjectStore
+from services.common.s3_store import S3ObjectStore
+from services.common.settings import StoreSettings
+
+
+def open_store(settings: StoreSettings) -> ObjectStore:
+    if settings.s3_endpoint:
+        return S3ObjectStore(
+            settings.s3_endpoint,
+            settings.s3_access_key,
+            settings.s3_secret_key,
+            settings.s3_bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+    return LocalObjectStore(Path(settings.store_dir))
