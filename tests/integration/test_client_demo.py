@@ -1,0 +1,28 @@
+"""`python -m services.demo` end to end, shortened: services as subprocesses, the SDK, real training."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_flow_and_stops_its_services(tmp_path: Path) -> None:
+    out, store = tmp_path / "out", tmp_path / "store"
+    command = [sys.executable, "-m", "services.demo", "--out", str(out), "--store", str(store)]
+    command += ["--steps", "10", "--photos", "3", "--class-images", "2", "--images", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "=== DreamBooth demo: done ===" in done.stdout
+    assert re.search(r"state +trainingJobs/\w+ +SUCCEEDED +model models/", done.stdout)
+    assert sorted(p.name for p in out.glob("*.png")) == ["base-0-seed0.png", "finetuned-0-seed0.png"]
+    assert len(list((out / "subject").glob("*.png"))) == 3
+    assert (store / "models" / "tiny-sd" / "manifest.json").exists()
+    for pid in map(int, re.findall(r"SERVING on 127\.0\.0\.1:\d+ \(pid (\d+)\)", done.stdout)):
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # every service the demo started is gone
