@@ -1,0 +1,47 @@
+"""Settings of the prior-generation service, from `DREAMBOOTH_PRIORGEN_*` (store: `DREAMBOOTH_S3_*`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.settings import ServerSettings, StoreSettings, from_env
+
+ENV_PREFIX = "DREAMBOOTH_PRIORGEN_"
+
+
+@dataclasses.dataclass(frozen=True)
+class PriorGenSettings:
+    server: ServerSettings = dataclasses.field(
+        default_factory=lambda: ServerSettings(port=50052, metrics_port=9182)
+    )
+    store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    # Every pipeline call carries exactly `compute_width` image slots (fixed tensor shapes, so
+    # float results never depend on how images are grouped); `batch_size` of them hold images,
+    # the rest are padding. The width is part of a set's key; the batch size is not.
+    batch_size: int = 4
+    compute_width: int = 4
+    device: str = "cpu"  # torch device of the pipeline ("cuda" on a GPU node)
+    max_loaded_models: int = 2  # pipelines kept in memory, least recently used evicted
+    max_concurrent_sets: int = 4  # distinct sets generated at once; more wait their turn
+    default_resolution: int = 512  # used when a request says 0
+    default_steps: int = 30
+    default_guidance_scale: float = 7.5
+    default_scheduler: str = "ddim"
+    max_images: int = 1000
+    max_resolution: int = 1024
+    max_steps: int = 150
+    max_prompt_chars: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "compute_width", "max_loaded_models", "max_concurrent_sets"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size > self.compute_width:
+            raise ValueError(
+                f"batch_size ({self.batch_size}) must be <= compute_width ({self.compute_width}): "
+                "raise both to batch more images per pipeline call"
+            )
+
+
+def load_settings() -> PriorGenSettings:
+    return from_env(PriorGenSettings, ENV_PREFIX)
