@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from services.common.model_store import ModelStore
 from services.common.pipelines import load_pipeline
-from services.priorgen.row_sharing import share_timestep_rows
+from services.common.batch_invariance import share_time_embedding_rows
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
@@ -39,7 +39,7 @@ class PipelineCache:
             started = time.monotonic()
             folder = self._models.materialize(model_id)
             pipe = load_pipeline(folder, device=self._device)
-            share_timestep_rows(pipe.unet)  # an image must not depend on its slot in a batch
+            share_time_embedding_rows(pipe.unet)  # an image must not depend on its slot in a batch
             self._pipelines[digest] = pipe
             while len(self._pipelines) > self._capacity:
                 self._pipelines.popitem(last=False)

@@ -1,0 +1,151 @@
+"""InferenceService over gRPC: protobuf <-> plain Python, and nothing else (DESIGN §3).
+
+Domain errors raised here or in the core (also mid-stream) are mapped to status codes by the
+server's interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from collections.abc import AsyncIterator
+
+import grpc
+from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.common.errors import InvalidArgument
+from services.common.model_store import ModelManifest, parse_model_name
+from services.inference.core import InferenceCore
+from services.inference.params import (
+    EncodedImage,
+    FinalImage,
+    GenerateEvent,
+    GenerateParams,
+    Preview,
+    Progress,
+)
+
+SERVICE_NAME = "dreambooth.v1.InferenceService"
+
+SCHEDULERS = {
+    common_pb2.SCHEDULER_UNSPECIFIED: "ddim",
+    common_pb2.SCHEDULER_DDIM: "ddim",
+    common_pb2.SCHEDULER_EULER: "euler",
+    common_pb2.SCHEDULER_EULER_ANCESTRAL: "euler_ancestral",
+    common_pb2.SCHEDULER_DPMPP_2M_KARRAS: "dpmpp_2m_karras",
+    common_pb2.SCHEDULER_PNDM: "pndm",
+}
+OUTPUT_FORMATS = {
+    common_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
+    common_pb2.IMAGE_FORMAT_PNG: "png",
+    common_pb2.IMAGE_FORMAT_JPEG: "jpeg",
+    common_pb2.IMAGE_FORMAT_WEBP: "webp",
+}
+FORMAT_ENUMS = {
+    "png": common_pb2.IMAGE_FORMAT_PNG,
+    "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
+    "webp": common_pb2.IMAGE_FORMAT_WEBP,
+}
+MODEL_KINDS = {
+    "base": common_pb2.MODEL_KIND_BASE,
+    "fine_tuned": common_pb2.MODEL_KIND_FINE_TUNED,
+    "lora": common_pb2.MODEL_KIND_LORA,
+}
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
+    def __init__(self, core: InferenceCore) -> None:
+        self._core = core
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateResponse]:
+        async for event in self._core.generate(generate_params(request)):
+            yield generate_response(event)
+
+    async def ListModels(
+        self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ListModelsResponse:
+        manifests, next_token = await asyncio.to_thread(
+            self._core.list_models, request.page_size, request.page_token
+        )
+        return inference_pb2.ListModelsResponse(
+            models=[model_proto(m) for m in manifests], next_page_token=next_token
+        )
+
+    async def GetModel(
+        self, request: inference_pb2.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GetModelResponse:
+        model_id = parse_model_name(request.name, "name")
+        manifest = await asyncio.to_thread(self._core.get_model, model_id)
+        return inference_pb2.GetModelResponse(model=model_proto(manifest))
+
+
+def generate_params(request: inference_pb2.GenerateRequest) -> GenerateParams:
+    if request.scheduler not in SCHEDULERS:
+        raise InvalidArgument("scheduler", f"unknown scheduler value {request.scheduler}")
+    if request.output_format not in OUTPUT_FORMATS:
+        raise InvalidArgument("output_format", f"unknown image format value {request.output_format}")
+    return GenerateParams(
+        model_id=parse_model_name(request.model, "model"),
+        prompt=request.prompt,
+        negative_prompt=request.negative_prompt,
+        num_images=request.num_images,
+        width=request.width,
+        height=request.height,
+        steps=request.steps,
+        guidance_scale=request.guidance_scale,
+        scheduler=SCHEDULERS[request.scheduler],
+        seed=request.seed if request.HasField("seed") else None,
+        preview_interval=request.preview_interval,
+        output_format=OUTPUT_FORMATS[request.output_format],
+        truncate_prompt=request.truncate_prompt,
+    )
+
+
+def generate_response(event: GenerateEvent) -> inference_pb2.GenerateResponse:
+    if isinstance(event, Progress):
+        progress = inference_pb2.GenerateProgress(step=event.step, total_steps=event.total_steps)
+        return inference_pb2.GenerateResponse(progress=progress)
+    if isinstance(event, Preview):
+        preview = inference_pb2.PreviewImage(
+            step=event.step, index=event.index, image=image_proto(event.image)
+        )
+        return inference_pb2.GenerateResponse(preview=preview)
+    if isinstance(event, FinalImage):
+        image = inference_pb2.GeneratedImage(
+            index=event.index, image=image_proto(event.image), seed=event.seed
+        )
+        return inference_pb2.GenerateResponse(image=image)
+    raise TypeError(f"unknown event {event!r}")
+
+
+def image_proto(image: EncodedImage) -> common_pb2.Image:
+    return common_pb2.Image(
+        data=image.data, format=FORMAT_ENUMS[image.format], width=image.width, height=image.height
+    )
+
+
+def model_proto(manifest: ModelManifest) -> common_pb2.Model:
+    training_job = manifest.training_job or ""
+    if training_job and not training_job.startswith("trainingJobs/"):
+        training_job = f"trainingJobs/{training_job}"
+    return common_pb2.Model(
+        name=manifest.name,
+        kind=MODEL_KINDS.get(manifest.kind, common_pb2.MODEL_KIND_UNSPECIFIED),
+        base_model=f"models/{manifest.base_model}" if manifest.base_model else "",
+        training_job=training_job,
+        create_time=_timestamp(manifest.create_time),
+        size_bytes=manifest.size_bytes,
+        manifest_digest=manifest.digest,
+        file_count=len(manifest.files),
+        labels=manifest.labels,
+    )
+
+
+def _timestamp(iso: str) -> Timestamp:
+    stamp = Timestamp()
+    moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
+    stamp.FromDatetime(moment.astimezone(datetime.timezone.utc).replace(tzinfo=None))
+    return stamp

@@ -1,0 +1,124 @@
+"""Checks of a Generate request, in two passes, both before any model is loaded.
+
+`check_request` needs nothing but the request (ranges, names, formats); `check_against_model`
+needs the model's light spec (default size, tokenizer): the prompt's token count decides whether
+it fits the text encoder. Every failure is an InvalidArgument naming the proto field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable
+
+from services.common.errors import InvalidArgument
+from services.inference.params import GenerateParams
+
+MAX_IMAGES = 8
+MAX_STEPS = 150
+MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 30.0
+MIN_SIZE = 64
+SIZE_MULTIPLE = 8
+DEFAULT_STEPS = 30
+DEFAULT_GUIDANCE = 7.5
+SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "pndm")
+OUTPUT_FORMATS = ("png", "jpeg", "webp")
+MAX_SEED = 2**63 - 1  # int64 on the wire; image i uses seed + i
+RANDOM_SEED_BOUND = 2**32
+
+
+@dataclasses.dataclass(frozen=True)
+class RequestLimits:
+    max_width: int = 1024
+    max_height: int = 1024
+    max_prompt_chars: int = 4096
+
+
+def check_request(params: GenerateParams, limits: RequestLimits) -> GenerateParams:
+    """Validate what needs no model and fill the defaults that need none (size stays 0 = model's)."""
+    num_images = params.num_images or 1
+    if not 1 <= num_images <= MAX_IMAGES:
+        raise InvalidArgument("num_images", f"must be between 1 and {MAX_IMAGES}, got {params.num_images}")
+    _check_size("width", params.width, limits.max_width)
+    _check_size("height", params.height, limits.max_height)
+    steps = params.steps or DEFAULT_STEPS
+    if not 1 <= steps <= MAX_STEPS:
+        raise InvalidArgument("steps", f"must be between 1 and {MAX_STEPS}, got {params.steps}")
+    guidance = params.guidance_scale or DEFAULT_GUIDANCE
+    if not math.isfinite(guidance) or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
+        raise InvalidArgument(
+            "guidance_scale",
+            f"must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g} (1 disables guidance), "
+            f"got {params.guidance_scale}",
+        )
+    if params.scheduler not in SCHEDULERS:
+        raise InvalidArgument(
+            "scheduler", f"unknown scheduler {params.scheduler!r}; expected one of {', '.join(SCHEDULERS)}"
+        )
+    if params.output_format not in OUTPUT_FORMATS:
+        raise InvalidArgument(
+            "output_format",
+            f"unknown format {params.output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}",
+        )
+    if params.preview_interval < 0:
+        raise InvalidArgument("preview_interval", f"must be >= 0, got {params.preview_interval}")
+    if params.seed is not None and not 0 <= params.seed <= MAX_SEED - (num_images - 1):
+        raise InvalidArgument(
+            "seed", f"must be between 0 and {MAX_SEED - (num_images - 1)} for {num_images} images"
+        )
+    if not params.prompt.strip():
+        raise InvalidArgument("prompt", "must not be empty")
+    for field in ("prompt", "negative_prompt"):
+        length = len(getattr(params, field))
+        if length > limits.max_prompt_chars:
+            raise InvalidArgument(field, f"is {length} characters; the limit is {limits.max_prompt_chars}")
+    return dataclasses.replace(params, num_images=num_images, steps=steps, guidance_scale=guidance)
+
+
+def _check_size(field: str, value: int, limit: int) -> None:
+    if value == 0:
+        return  # the model's default, checked against the limit once the model is known
+    if value % SIZE_MULTIPLE or not MIN_SIZE <= value <= limit:
+        raise InvalidArgument(
+            field, f"must be a multiple of {SIZE_MULTIPLE} between {MIN_SIZE} and {limit}, got {value}"
+        )
+
+
+def check_against_model(
+    params: GenerateParams,
+    limits: RequestLimits,
+    *,
+    default_width: int,
+    default_height: int,
+    count_tokens: Callable[[str], int],
+    max_tokens: int,
+) -> GenerateParams:
+    """Resolve the model-dependent defaults and check the prompts' token counts.
+
+    `count_tokens(text)` counts the tokens the text encoder would see, start and end included.
+    """
+    width = params.width or default_width
+    height = params.height or default_height
+    _check_size("width", width, limits.max_width)
+    _check_size("height", height, limits.max_height)
+    if not params.truncate_prompt:
+        for field in ("prompt", "negative_prompt"):
+            text = getattr(params, field)
+            if not text:
+                continue
+            count = count_tokens(text)
+            if count > max_tokens:
+                raise InvalidArgument(
+                    field,
+                    f"is {count} tokens; the text encoder takes at most {max_tokens} "
+                    "(set truncate_prompt to cut it)",
+                )
+    return dataclasses.replace(params, width=width, height=height)
+
+
+def with_seed(params: GenerateParams) -> GenerateParams:
+    """The request with its seed set: a random one when the client left it unset."""
+    if params.seed is not None:
+        return params
+    return dataclasses.replace(params, seed=secrets.randbelow(RANDOM_SEED_BOUND))
