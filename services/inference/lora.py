@@ -11,8 +11,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import FailedPrecondition
 from services.common.batch_invariance import share_time_embedding_rows
+from services.common.errors import FailedPrecondition
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LORA_COMPONENTS = ("unet", "text_encoder")

@@ -20,9 +20,9 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from services.common.batch_invariance import share_time_embedding_rows
 from services.common.model_store import ModelManifest, ModelStore
 from services.common.pipelines import disable_progress_bars, make_scheduler
-from services.common.batch_invariance import share_time_embedding_rows
 from services.inference.lora import fuse_lora_copies, lora_targets
 from services.inference.metrics import CacheMetrics
 from services.inference.model_specs import ModelSpec

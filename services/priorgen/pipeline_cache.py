@@ -12,9 +12,9 @@ import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING
 
+from services.common.batch_invariance import share_time_embedding_rows
 from services.common.model_store import ModelStore
 from services.common.pipelines import load_pipeline
-from services.common.batch_invariance import share_time_embedding_rows
 
 if TYPE_CHECKING:
     from diffusers import StableDiffusionPipeline
