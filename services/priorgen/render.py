@@ -8,7 +8,8 @@ uint8 values: not byte for byte. GPU kernels choose per shape too. At a FIXED ba
 image's result depends neither on its slot nor on the other slots (checked: permuted slots,
 zero-padded slots), once two slot-dependent parts are handled: the timestep path, computed once
 per call (services/common/batch_invariance.py; 6- or 10-row GEMMs were slot-dependent), and
-the VAE, which decodes one image at a time (its full-resolution GroupNorms were slot-dependent in batches of 3 and 5).
+the VAE, which decodes one image at a time (its full-resolution GroupNorms were
+slot-dependent in batches of 3 and 5).
 
 So every denoising call carries exactly `width` slots (the compute width, part of the set's
 key); a batch of `batch_size <= width` images fills the first slots, the rest are padding.
