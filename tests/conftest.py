@@ -5,4 +5,7 @@ pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.servers",
     "tests.fixtures.ray_local",
+    "tests.fixtures.priorgen_server",
+    "tests.fixtures.trainer_server",
+    "tests.fixtures.inference_server",
 ]

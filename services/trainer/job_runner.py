@@ -1,0 +1,406 @@
+"""Runs jobs: a bounded number at once, each through its lifecycle, the rest waiting QUEUED.
+
+    QUEUED -> GENERATING_PRIORS (only with prior preservation) -> TRAINING -> PUBLISHING
+           -> SUCCEEDED | FAILED | CANCELLED
+
+Each running job has a thread of its own (training is a blocking Ray Train run) and a cancel
+event. A user's cancel ends the job CANCELLED; a trainer shutdown stops the run too but leaves
+the job in its state, so the next trainer process recovers it: back to QUEUED, priors again
+(priorgen's cache answers at once), training from the newest checkpoint (run_training resumes by
+itself), or straight to SUCCEEDED when the model was already published.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from services.common.errors import DomainError
+from services.common.settings import StoreSettings
+from services.trainer.events import EventLogs, PriorProgressInfo
+from services.trainer.job_spec import JobSpec
+from services.trainer.jobs import Job, JobRepository, JobState, Progress
+from services.trainer.metrics import TrainerMetrics
+from services.trainer.priors_client import PriorsCancelled, PriorSetInfo
+
+log = logging.getLogger(__name__)
+
+MAX_ERROR_CHARS = 2000
+
+
+class PriorsProvider(Protocol):
+    def generate(
+        self, spec: JobSpec, *, on_progress: Callable[[int, int], None], cancel: threading.Event
+    ) -> PriorSetInfo: ...
+
+
+class TrainFn(Protocol):
+    """`services.trainer.ray_runner.run_training`, or a stand-in in unit tests."""
+
+    def __call__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        *,
+        store_settings: StoreSettings,
+        prior_prefix: str | None,
+        on_event: Callable[[Any], None],
+        cancel: threading.Event,
+        storage_path: str | None = None,
+        max_failures: int = 1,
+    ) -> Any: ...
+
+
+class PublishedModels(Protocol):
+    def exists(self, model_id: str) -> bool: ...
+
+    def training_job_of(self, model_id: str) -> str | None: ...
+
+
+@dataclass(frozen=True)
+class RunnerSettings:
+    max_concurrent_jobs: int = 1
+    store_settings: StoreSettings = field(default_factory=StoreSettings)
+    storage_path: str | None = None  # Ray Train's run storage
+    max_failures: int = 1
+    progress_persist_seconds: float = 5.0
+    shutdown_timeout_seconds: float = 60.0
+
+
+class JobCancelled(Exception):
+    """A cancel arrived between two phases of a job."""
+
+
+def is_cancellation(err: BaseException) -> bool:
+    """Ours, PriorsCancelled, or the training core's TrainingCancelled (matched by name: the
+    core's package imports torch, which serving requests must not need)."""
+    return isinstance(err, JobCancelled | PriorsCancelled) or type(err).__name__ == "TrainingCancelled"
+
+
+def examples_per_step(spec: JobSpec) -> int:
+    """Examples one optimizer step trains on, over all workers (class images included): the
+    unit of the core's samples_per_second."""
+    per_worker = spec.train_batch_size * spec.gradient_accumulation_steps
+    return per_worker * spec.num_workers * (2 if spec.with_prior_preservation else 1)
+
+
+class _ProgressTracker:
+    """Turns the core's progress events into job progress with an ETA, plus step timings.
+
+    Events arrive in bursts (the core forwards them every ~0.1 s), so the ETA uses the average
+    pace since the first event of this run, checkpoints and previews included, and the step
+    duration comes from the core's own throughput.
+    """
+
+    def __init__(self, clock: Callable[[], float], examples_per_step: int) -> None:
+        self._clock = clock
+        self._examples_per_step = examples_per_step
+        self._first: tuple[float, int] | None = None
+
+    def update(
+        self, step: int, total: int, loss: float, lr: float, samples_per_second: float
+    ) -> tuple[Progress, float | None]:
+        now = self._clock()
+        if self._first is None:
+            self._first = (now, step)
+        first_time, first_step = self._first
+        eta = 0.0
+        if step > first_step:
+            eta = (total - step) * (now - first_time) / (step - first_step)
+        step_seconds = self._examples_per_step / samples_per_second if samples_per_second > 0 else None
+        progress = Progress(
+            step=step,
+            total_steps=total,
+            loss=float(loss),
+            learning_rate=float(lr),
+            eta_seconds=max(0.0, eta),
+            samples_per_second=float(samples_per_second),
+        )
+        return progress, step_seconds
+
+
+class JobRunner:
+    def __init__(
+        self,
+        *,
+        repo: JobRepository,
+        events: EventLogs,
+        priors: PriorsProvider,
+        train: TrainFn,
+        models: PublishedModels,
+        settings: RunnerSettings,
+        metrics: TrainerMetrics | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.repo = repo
+        self.events = events
+        self.priors = priors
+        self.train = train
+        self.models = models
+        self.settings = settings
+        self.metrics = metrics
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._cancels: dict[str, threading.Event] = {}
+        self._user_cancelled: set[str] = set()
+        self._shutting_down = False
+        self._threads: list[threading.Thread] = []
+
+    # Control
+
+    def start(self) -> None:
+        for index in range(self.settings.max_concurrent_jobs):
+            thread = threading.Thread(target=self._work, name=f"job-slot-{index}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def submit(self, job_id: str) -> None:
+        self._queue.put(job_id)
+
+    def recover(self, jobs: list[Job]) -> list[Job]:
+        """Queue again the unfinished jobs a previous trainer left (oldest first)."""
+        recovered = []
+        for job in jobs:
+            if job.state.is_final:
+                continue
+            if job.state != JobState.QUEUED:
+                job = self.repo.transition(job.job_id, JobState.QUEUED)
+            log.info("recovering job", extra={"job_id": job.job_id, "step": job.progress.step})
+            self.submit(job.job_id)
+            recovered.append(job)
+        return recovered
+
+    def cancel(self, job_id: str) -> Job:
+        """QUEUED: CANCELLED at once. Running: asks the run to stop (CANCELLED within seconds).
+        Final: unchanged."""
+        with self._lock:
+            job = self.repo.get(job_id)
+            if job.state.is_final:
+                return job
+            if job.state == JobState.QUEUED and job_id not in self._cancels:
+                return self.repo.transition(job_id, JobState.CANCELLED)
+            self._user_cancelled.add(job_id)
+            cancel = self._cancels.get(job_id)
+        if cancel is not None:
+            cancel.set()
+            log.info("cancelling job", extra={"job_id": job_id})
+        return job
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        """Stop every run without ending its job; the next trainer process resumes them."""
+        with self._lock:
+            self._shutting_down = True
+            cancels = list(self._cancels.values())
+        for cancel in cancels:
+            cancel.set()
+        for _ in self._threads:
+            self._queue.put(None)
+        deadline = time.monotonic() + (self.settings.shutdown_timeout_seconds if timeout is None else timeout)
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
+
+    def running_jobs(self) -> list[str]:
+        with self._lock:
+            return list(self._cancels)
+
+    # Work
+
+    def _work(self) -> None:
+        while True:
+            job_id = self._queue.get()
+            if job_id is None:
+                return
+            try:
+                self._run(job_id)
+            except Exception:  # a bug here must not kill the slot
+                log.exception("job runner error", extra={"job_id": job_id})
+
+    def _run(self, job_id: str) -> None:
+        with self._lock:
+            job = self.repo.get(job_id)
+            if job.state.is_final or self._shutting_down:
+                return
+            cancel = threading.Event()
+            self._cancels[job_id] = cancel
+        started = self._clock()
+        try:
+            self._execute(job, cancel)
+        except BaseException as err:
+            self._finish_after_error(job_id, err, started)
+        finally:
+            with self._lock:
+                self._cancels.pop(job_id, None)
+                self._user_cancelled.discard(job_id)
+
+    def _execute(self, job: Job, cancel: threading.Event) -> None:
+        job_id, spec = job.job_id, job.spec
+        job = self.repo.update(job_id, runs=job.runs + 1)
+        log.info("job started", extra={"job_id": job_id, "run": job.runs, "model_id": spec.model_id})
+
+        if self._already_published(job):
+            self.repo.transition(job_id, JobState.PUBLISHING)
+            self.repo.transition(job_id, JobState.SUCCEEDED, model=f"models/{spec.model_id}")
+            return
+
+        prior_prefix = None
+        if spec.with_prior_preservation:
+            _check(cancel)
+            prior_prefix = self._generate_priors(job, cancel)
+
+        _check(cancel)
+        self.repo.transition(job_id, JobState.TRAINING)
+        handler = _EventHandler(self, job_id)
+        result = self.train(
+            job_id,
+            spec,
+            store_settings=self.settings.store_settings,
+            prior_prefix=prior_prefix,
+            on_event=handler,
+            cancel=cancel,
+            storage_path=self.settings.storage_path,
+            max_failures=self.settings.max_failures,
+        )
+        final = self.repo.get(job_id)
+        if final.state != JobState.PUBLISHING:
+            self.repo.transition(job_id, JobState.PUBLISHING)
+        progress = final.progress
+        final_step = int(getattr(result, "final_step", progress.step))
+        self.repo.transition(
+            job_id,
+            JobState.SUCCEEDED,
+            model=f"models/{result.model_id}",
+            progress=Progress(
+                step=final_step,
+                total_steps=spec.max_train_steps,
+                loss=progress.loss,
+                learning_rate=progress.learning_rate,
+                eta_seconds=0.0,
+                samples_per_second=progress.samples_per_second,
+            ),
+        )
+        log.info("job succeeded", extra={"job_id": job_id, "model": result.model_id, "step": final_step})
+
+    def _already_published(self, job: Job) -> bool:
+        """A trainer killed while publishing left a finished model: nothing to redo."""
+        model_id = job.spec.model_id
+        if not self.models.exists(model_id):
+            return False
+        owner = self.models.training_job_of(model_id) or ""
+        if owner.removeprefix("trainingJobs/") == job.job_id:
+            return True
+        raise _UserError(
+            f"model id {model_id!r} was taken by another model; create the job with another model_id"
+        )
+
+    def _generate_priors(self, job: Job, cancel: threading.Event) -> str:
+        job_id = job.job_id
+        self.repo.transition(job_id, JobState.GENERATING_PRIORS)
+        event_log = self.events.get(self.repo.get(job_id))
+        started = self._clock()
+
+        def on_progress(done: int, total: int) -> None:
+            event_log.progress(
+                PriorProgressInfo(images_done=done, images_total=total), force_durable=done == total
+            )
+
+        info = self.priors.generate(job.spec, on_progress=on_progress, cancel=cancel)
+        if self.metrics is not None:
+            self.metrics.prior_wait_seconds.observe(self._clock() - started)
+        self.repo.update(job_id, prior_prefix=info.prefix)
+        log.info(
+            "priors ready",
+            extra={"job_id": job_id, "prefix": info.prefix, "count": info.count, "cached": info.cached},
+        )
+        return info.prefix
+
+    def _finish_after_error(self, job_id: str, err: BaseException, started: float) -> None:
+        with self._lock:
+            user_cancelled = job_id in self._user_cancelled
+            shutting_down = self._shutting_down
+        job = self.repo.get(job_id)
+        if job.state.is_final:
+            return
+        if shutting_down and not user_cancelled:
+            # Leave the job where it is: the next trainer process resumes it.
+            log.info("job interrupted by shutdown", extra={"job_id": job_id, "state": job.state.value})
+            self.repo.update(job_id)  # persists the latest progress
+            return
+        if user_cancelled or is_cancellation(err):
+            self.repo.transition(job_id, JobState.CANCELLED)
+            log.info("job cancelled", extra={"job_id": job_id})
+            return
+        if isinstance(err, DomainError) or type(err).__name__ == "TrainingFailed":
+            message = str(err)  # already in words a user can act on
+        else:
+            message = f"training failed: {type(err).__name__}: {err}".strip()
+        if len(message) > MAX_ERROR_CHARS:
+            message = message[: MAX_ERROR_CHARS - 3] + "..."
+        self.repo.transition(job_id, JobState.FAILED, error_message=message)
+        log.error(
+            "job failed",
+            exc_info=None if isinstance(err, DomainError) else err,
+            extra={"job_id": job_id, "error": message, "seconds": self._clock() - started},
+        )
+
+
+def _check(cancel: threading.Event) -> None:
+    if cancel.is_set():
+        raise JobCancelled()
+
+
+class _UserError(DomainError):
+    """A failure whose message tells the user what to change."""
+
+
+class _EventHandler:
+    """Receives the training core's events (from whatever thread it calls on_event in)."""
+
+    def __init__(self, runner: JobRunner, job_id: str) -> None:
+        self.runner = runner
+        self.job_id = job_id
+        self._tracker = _ProgressTracker(runner._clock, examples_per_step(runner.repo.get(job_id).spec))
+        self._last_persist = 0.0
+
+    def __call__(self, event: Any) -> None:
+        try:
+            self._handle(event)
+        except Exception:  # never break the training run because of a bookkeeping error
+            log.exception("cannot record a training event", extra={"job_id": self.job_id})
+
+    def _handle(self, event: Any) -> None:
+        kind = type(event).__name__
+        runner, job_id = self.runner, self.job_id
+        if kind == "ProgressEvent":
+            progress, step_seconds = self._tracker.update(
+                event.step, event.total_steps, event.loss, event.learning_rate, event.samples_per_second
+            )
+            now = runner._clock()
+            persist = now - self._last_persist >= runner.settings.progress_persist_seconds
+            if persist:
+                self._last_persist = now
+            job = runner.repo.update(job_id, progress=progress, persist=persist)
+            runner.events.get(job).progress(progress)
+            if runner.metrics is not None:
+                runner.metrics.observe_progress(job_id, progress.loss, progress.samples_per_second)
+                if step_seconds is not None:
+                    runner.metrics.step_duration_seconds.observe(step_seconds)
+        elif kind == "PreviewEvent":
+            job = runner.repo.get(job_id)
+            runner.events.get(job).preview(int(event.step), str(event.prompt), bytes(event.jpeg))
+        elif kind == "PublishingEvent":
+            job = runner.repo.get(job_id)
+            if job.state == JobState.TRAINING:
+                runner.repo.transition(job_id, JobState.PUBLISHING)
+        elif kind == "CheckpointEvent":
+            runner.repo.update(job_id, checkpoint_step=int(event.step))
+            seconds = getattr(event, "duration_seconds", None)
+            if runner.metrics is not None and seconds is not None:
+                runner.metrics.checkpoint_duration_seconds.observe(float(seconds))
+        else:
+            log.debug("ignoring training event", extra={"job_id": job_id, "event": kind})

@@ -1,0 +1,101 @@
+"""Settings of the trainer service, from `DREAMBOOTH_TRAINER_*` (store: `DREAMBOOTH_S3_*`)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from services.common.settings import ServerSettings, StoreSettings, from_env
+
+ENV_PREFIX = "DREAMBOOTH_TRAINER_"
+
+MIB = 1024 * 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class UploadLimits:
+    """Bounds of one UploadImages stream; everything past them is refused before it is stored."""
+
+    max_images: int = 50
+    max_image_bytes: int = 20 * MIB  # one encoded image as uploaded
+    max_total_bytes: int = 200 * MIB  # the whole upload
+    max_chunk_bytes: int = 1 * MIB
+    max_image_pixels: int = 40_000_000  # decoded width * height; larger is treated as a bomb
+
+
+@dataclasses.dataclass(frozen=True)
+class SpecLimits:
+    """Bounds CreateTrainingJob enforces on a spec (DESIGN §9: limits on steps, resolution...)."""
+
+    max_steps: int = 20_000
+    max_workers: int = 8
+    min_resolution: int = 64
+    max_resolution: int = 1024
+    max_prompt_chars: int = 1000
+    max_validation_prompts: int = 8
+    max_class_images: int = 1000
+    max_prior_steps: int = 150
+    max_batch_size: int = 64
+    max_gradient_accumulation_steps: int = 128
+    max_lora_rank: int = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainerSettings:
+    server: ServerSettings = dataclasses.field(
+        default_factory=lambda: ServerSettings(port=50051, metrics_port=9181)
+    )
+    store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    priorgen_address: str = "127.0.0.1:50052"
+    ray_address: str = ""  # "" = local Ray in this process; else a cluster (ray://host:10001 or auto)
+    ray_storage_path: str = ""  # Ray Train's run storage; "" = the trainer-core default
+    max_concurrent_jobs: int = 1  # jobs past this wait QUEUED
+    max_failures: int = 1  # worker failures Ray Train retries from the newest checkpoint
+    priorgen_attempts: int = 3  # tries of GeneratePriors while the service is unavailable
+    priorgen_retry_seconds: float = 2.0  # first back-off between those tries (doubles)
+    progress_persist_seconds: float = 5.0  # how often progress reaches job.json / events.jsonl
+    log_level: str = "INFO"
+    # Upload limits.
+    max_upload_images: int = 50
+    max_image_bytes: int = 20 * MIB
+    max_upload_bytes: int = 200 * MIB
+    max_image_pixels: int = 40_000_000
+    # Spec limits.
+    max_workers: int = 8
+    max_steps: int = 20_000
+    max_resolution: int = 1024
+    max_prompt_chars: int = 1000
+
+    def __post_init__(self) -> None:
+        for name in (
+            "max_concurrent_jobs",
+            "max_upload_images",
+            "max_workers",
+            "max_steps",
+            "priorgen_attempts",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_resolution < 64 or self.max_resolution % 8:
+            raise ValueError(f"max_resolution must be a multiple of 8 and >= 64, got {self.max_resolution}")
+
+    @property
+    def upload_limits(self) -> UploadLimits:
+        return UploadLimits(
+            max_images=self.max_upload_images,
+            max_image_bytes=self.max_image_bytes,
+            max_total_bytes=self.max_upload_bytes,
+            max_image_pixels=self.max_image_pixels,
+        )
+
+    @property
+    def spec_limits(self) -> SpecLimits:
+        return SpecLimits(
+            max_steps=self.max_steps,
+            max_workers=self.max_workers,
+            max_resolution=self.max_resolution,
+            max_prompt_chars=self.max_prompt_chars,
+        )
+
+
+def load_settings() -> TrainerSettings:
+    return from_env(TrainerSettings, ENV_PREFIX)

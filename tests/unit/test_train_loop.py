@@ -1,0 +1,178 @@
+"""The training loop in one process (the single-process Runtime, tiny model, local store):
+resume continues the same run, LoRA publishes adapters only, the text encoder trains, schedules
+follow the spec."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from services.common.local_store import LocalObjectStore
+from services.common.model_store import ModelStore
+from services.common.pipelines import load_pipeline
+from services.common.settings import StoreSettings
+from services.trainer import checkpoints
+from services.trainer.job_spec import JobSpec
+from services.trainer.train_loop import (
+    LORA_INFO_FILE,
+    LORA_WEIGHTS_FILE,
+    Runtime,
+    WorkerJob,
+    load_lora_pipeline,
+    train,
+)
+from tests.fixtures.models import TINY_MODEL_ID
+from tests.fixtures.trainer_server import make_png
+
+DATASET = "d" * 64
+PRIORS = "priors/test/"
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_model_dir: Path) -> StoreSettings:
+    """A local store holding the tiny model, a 4-image dataset and 4 class-prior images."""
+    settings = StoreSettings(store_dir=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    store = LocalObjectStore(tmp_path / "store")
+    ModelStore(store, tmp_path / "cache").import_folder(tiny_model_dir, TINY_MODEL_ID)
+    for index in range(4):
+        store.put_bytes(f"datasets/{DATASET}/images/{index:03d}.png", make_png(index))
+        store.put_bytes(f"{PRIORS}images/{index:05d}.png", make_png(100 + index))
+    return settings
+
+
+def _spec(**overrides: object) -> JobSpec:
+    base = JobSpec(
+        base_model=TINY_MODEL_ID,
+        dataset=DATASET,
+        instance_prompt="a photo of sks dog",
+        class_prompt="a photo of dog",
+        with_prior_preservation=True,
+        max_train_steps=4,
+        learning_rate=1e-3,
+        resolution=64,
+        checkpointing_steps=2,
+        model_id="fine-tuned",
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+class CancelAfterCheckpoint(Runtime):
+    """A user who cancels as soon as the first checkpoint is written."""
+
+    def send(self, kind: str, payload: dict[str, Any]) -> None:
+        super().send(kind, payload)
+        if kind == "checkpoint":
+            self.cancelled.set()
+
+
+def _run(settings: StoreSettings, spec: JobSpec, job_id: str, runtime: Runtime | None = None) -> Runtime:
+    runtime = runtime or Runtime()
+    train(WorkerJob(job_id, spec, settings, PRIORS), runtime)
+    return runtime
+
+
+def _models(settings: StoreSettings) -> ModelStore:
+    return ModelStore(LocalObjectStore(Path(settings.store_dir)), Path(settings.cache_dir))
+
+
+def _unet_weights(settings: StoreSettings, model_id: str) -> dict[str, torch.Tensor]:
+    folder = _models(settings).materialize(model_id)
+    return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+
+
+def _progress(runtime: Runtime) -> list[dict[str, float]]:
+    return [payload for kind, payload in runtime.messages if kind == "progress"]
+
+
+def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(settings: StoreSettings) -> None:
+    straight = _run(settings, _spec(model_id="straight"), "job-straight")
+
+    interrupted = CancelAfterCheckpoint()  # stops at the first step after checkpoint 2
+    _run(settings, _spec(model_id="resumed"), "job-resumed", interrupted)
+    store = LocalObjectStore(Path(settings.store_dir))
+    assert checkpoints.newest_step(store, "job-resumed") == 2
+    assert [p["step"] for p in _progress(interrupted)] == [1, 2, 3]
+    assert not _models(settings).exists("resumed")
+
+    resumed = _run(settings, _spec(model_id="resumed"), "job-resumed")
+    assert ("started", {"step": 2, "world_size": 1}) in resumed.messages
+    assert [p["step"] for p in _progress(resumed)] == [3, 4]
+    # Same draws, same optimizer state: the resumed curve is the uninterrupted one.
+    assert [p["loss"] for p in _progress(resumed)] == pytest.approx(
+        [p["loss"] for p in _progress(straight)][2:], rel=1e-5
+    )
+    straight_weights = _unet_weights(settings, "straight")
+    resumed_weights = _unet_weights(settings, "resumed")
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_run_publishes_a_fine_tuned_model_sharing_unchanged_blobs(settings: StoreSettings) -> None:
+    runtime = _run(settings, _spec(max_train_steps=2, validation_prompts=("a sks dog",)), "job-1")
+
+    kinds = [kind for kind, _ in runtime.messages]
+    assert kinds[0] == "started" and kinds[-2:] == ["publishing", "published"]
+    assert kinds.count("preview") == 1
+    models = _models(settings)
+    manifest, base = models.get("fine-tuned"), models.get(TINY_MODEL_ID)
+    assert (manifest.kind, manifest.base_model, manifest.training_job) == (
+        "fine_tuned",
+        TINY_MODEL_ID,
+        "job-1",
+    )
+    for path in ("vae/diffusion_pytorch_model.safetensors", "text_encoder/model.safetensors"):
+        assert manifest.files[path] == base.files[path]
+    unet = "unet/diffusion_pytorch_model.safetensors"
+    assert manifest.files[unet] != base.files[unet]
+    assert load_pipeline(models.materialize("fine-tuned")) is not None
+
+
+def test_training_the_text_encoder_with_accumulation_and_a_warmup_schedule(settings: StoreSettings) -> None:
+    spec = _spec(
+        max_train_steps=3,
+        train_text_encoder=True,
+        text_encoder_learning_rate=5e-4,
+        gradient_accumulation_steps=2,
+        lr_schedule="constant_with_warmup",
+        lr_warmup_steps=2,
+        gradient_checkpointing=True,
+    )
+    runtime = _run(settings, spec, "job-te")
+
+    # Linear warm-up over 2 steps (diffusers' schedule starts at 0), then constant.
+    assert [p["learning_rate"] for p in _progress(runtime)] == pytest.approx([0.0, 5e-4, 1e-3])
+    models = _models(settings)
+    manifest, base = models.get("fine-tuned"), models.get(TINY_MODEL_ID)
+    assert manifest.files["text_encoder/model.safetensors"] != base.files["text_encoder/model.safetensors"]
+
+
+def test_lora_publishes_adapter_weights_only_and_loads_on_the_base(settings: StoreSettings) -> None:
+    spec = _spec(max_train_steps=2, use_lora=True, lora_rank=4, model_id="lora-model")
+    _run(settings, spec, "job-lora")
+
+    models = _models(settings)
+    manifest = models.get("lora-model")
+    assert manifest.kind == "lora" and manifest.base_model == TINY_MODEL_ID
+    assert sorted(manifest.files) == [LORA_INFO_FILE, LORA_WEIGHTS_FILE]
+    assert manifest.size_bytes < models.get(TINY_MODEL_ID).size_bytes / 20
+    pipe = load_lora_pipeline(models.materialize(TINY_MODEL_ID), models.materialize("lora-model"))
+    image = pipe("a sks dog", num_inference_steps=2, height=64, width=64).images[0]
+    assert image.size == (64, 64)
+
+
+def test_lora_runs_resume_from_adapter_checkpoints(settings: StoreSettings) -> None:
+    spec = _spec(use_lora=True, model_id="lora-resumed")
+    interrupted = CancelAfterCheckpoint()
+    _run(settings, spec, "job-lora-resume", interrupted)
+    store = LocalObjectStore(Path(settings.store_dir))
+    state = checkpoints.load(store, "job-lora-resume", 2)
+    assert state.trainable and all("lora" in key for key in state.trainable)
+
+    resumed = _run(settings, spec, "job-lora-resume")
+    assert [p["step"] for p in _progress(resumed)] == [3, 4]
+    assert _models(settings).get("lora-resumed").kind == "lora"
