@@ -27,6 +27,14 @@ from services.trainer.job_spec import JobSpec
 from services.trainer.jobs import Job, JobRepository, JobState, Progress
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.priors_client import PriorsCancelled, PriorSetInfo
+from services.trainer.training_events import (
+    CheckpointEvent,
+    PreviewEvent,
+    ProgressEvent,
+    PublishingEvent,
+    TrainingCancelled,
+    TrainingFailed,
+)
 
 log = logging.getLogger(__name__)
 
@@ -77,9 +85,8 @@ class JobCancelled(Exception):
 
 
 def is_cancellation(err: BaseException) -> bool:
-    """Ours, PriorsCancelled, or the training core's TrainingCancelled (matched by name: the
-    core's package imports torch, which serving requests must not need)."""
-    return isinstance(err, JobCancelled | PriorsCancelled) or type(err).__name__ == "TrainingCancelled"
+    """Ours, PriorsCancelled, or the training core's TrainingCancelled."""
+    return isinstance(err, JobCancelled | PriorsCancelled | TrainingCancelled)
 
 
 def examples_per_step(spec: JobSpec) -> int:
@@ -335,7 +342,7 @@ class JobRunner:
             self.repo.transition(job_id, JobState.CANCELLED)
             log.info("job cancelled", extra={"job_id": job_id})
             return
-        if isinstance(err, DomainError) or type(err).__name__ == "TrainingFailed":
+        if isinstance(err, DomainError | TrainingFailed):
             message = str(err)  # already in words a user can act on
         else:
             message = f"training failed: {type(err).__name__}: {err}".strip()
@@ -374,9 +381,8 @@ class _EventHandler:
             log.exception("cannot record a training event", extra={"job_id": self.job_id})
 
     def _handle(self, event: Any) -> None:
-        kind = type(event).__name__
         runner, job_id = self.runner, self.job_id
-        if kind == "ProgressEvent":
+        if isinstance(event, ProgressEvent):
             progress, step_seconds = self._tracker.update(
                 event.step, event.total_steps, event.loss, event.learning_rate, event.samples_per_second
             )
@@ -390,17 +396,16 @@ class _EventHandler:
                 runner.metrics.observe_progress(job_id, progress.loss, progress.samples_per_second)
                 if step_seconds is not None:
                     runner.metrics.step_duration_seconds.observe(step_seconds)
-        elif kind == "PreviewEvent":
+        elif isinstance(event, PreviewEvent):
             job = runner.repo.get(job_id)
             runner.events.get(job).preview(int(event.step), str(event.prompt), bytes(event.jpeg))
-        elif kind == "PublishingEvent":
+        elif isinstance(event, PublishingEvent):
             job = runner.repo.get(job_id)
             if job.state == JobState.TRAINING:
                 runner.repo.transition(job_id, JobState.PUBLISHING)
-        elif kind == "CheckpointEvent":
+        elif isinstance(event, CheckpointEvent):
             runner.repo.update(job_id, checkpoint_step=int(event.step))
-            seconds = getattr(event, "duration_seconds", None)
-            if runner.metrics is not None and seconds is not None:
-                runner.metrics.checkpoint_duration_seconds.observe(float(seconds))
+            if runner.metrics is not None:
+                runner.metrics.checkpoint_duration_seconds.observe(event.duration_seconds)
         else:
-            log.debug("ignoring training event", extra={"job_id": job_id, "event": kind})
+            log.debug("ignoring training event", extra={"job_id": job_id, "event": type(event).__name__})

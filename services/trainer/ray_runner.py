@@ -18,7 +18,6 @@ import logging
 import threading
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,58 +27,21 @@ from services.common.settings import StoreSettings
 from services.common.store_factory import open_store
 from services.trainer import checkpoints, data, ray_cluster
 from services.trainer.job_spec import JobSpec
+from services.trainer.training_events import (
+    CheckpointEvent,
+    PreviewEvent,
+    ProgressEvent,
+    PublishingEvent,
+    TrainingCancelled,
+    TrainingEvent,
+    TrainingFailed,
+    TrainingResult,
+)
 
 log = logging.getLogger(__name__)
 
 POLL_SECONDS = 0.25  # how often the driver drains progress and forwards a cancel
 DEFAULT_STORAGE = "dreambooth-ray-train"  # under the temp dir when no storage_path is given
-
-
-@dataclass(frozen=True)
-class ProgressEvent:
-    step: int
-    total_steps: int
-    loss: float  # mean over workers
-    learning_rate: float  # the UNet's, as used by this step
-    samples_per_second: float  # examples (instance + class) per second over all workers
-    time: float = 0.0  # when rank 0 finished the step (Unix seconds, the worker's clock)
-
-
-@dataclass(frozen=True)
-class PreviewEvent:
-    step: int
-    prompt: str
-    jpeg: bytes
-
-
-@dataclass(frozen=True)
-class PublishingEvent:
-    step: int  # rank 0 began publishing
-
-
-@dataclass(frozen=True)
-class CheckpointEvent:
-    step: int  # a complete checkpoint of this step is in the store
-    duration_seconds: float
-
-
-TrainingEvent = ProgressEvent | PreviewEvent | PublishingEvent | CheckpointEvent
-
-
-@dataclass(frozen=True)
-class TrainingResult:
-    model_id: str
-    final_step: int
-    resumed_from_step: int  # newest checkpoint when this call began (0: from scratch)
-    restarts: int = 0  # worker-group restarts Ray made after failures (FailureConfig)
-
-
-class TrainingCancelled(Exception):
-    """The run stopped because `cancel` was set."""
-
-
-class TrainingFailed(Exception):
-    """The run failed; `str()` says why in words a user can act on."""
 
 
 class JobChannel:

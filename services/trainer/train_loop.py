@@ -342,13 +342,13 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
             runtime.report({"step": done, "loss": mean_loss}, pointer)
         previews_due = spec.validation_steps > 0 and done % spec.validation_steps == 0
         if spec.validation_prompts and previews_due and done < spec.max_train_steps and runtime.is_chief:
-            send_previews(job, models, done, runtime)
+            send_previews(job, models, done, runtime, weight_dtype)
 
     # 7. Publish (rank 0); every rank reports the end, so Ray sees one consistent last result.
     final_step = max(start_step, spec.max_train_steps)
     if runtime.is_chief:
         if spec.validation_prompts:
-            send_previews(job, models, final_step, runtime)
+            send_previews(job, models, final_step, runtime, weight_dtype)
         runtime.send("publishing", {"step": final_step})
         publish(job, model_store, models, modules)
         runtime.send("published", {"step": final_step, "model_id": spec.model_id})
@@ -661,7 +661,11 @@ def make_pipeline(models: Models) -> Any:
     return pipe
 
 
-def send_previews(job: WorkerJob, models: Models, step: int, runtime: Runtime) -> None:
+def send_previews(
+    job: WorkerJob, models: Models, step: int, runtime: Runtime, amp_dtype: torch.dtype | None
+) -> None:
+    """Sample the validation prompts with the live weights (seeded: comparable across steps).
+    Under autocast when training is: frozen half-precision and trained fp32 modules then mix."""
     spec = job.spec
     modes = models.unet.training, models.text_encoder.training
     models.unet.eval()
@@ -670,7 +674,8 @@ def send_previews(job: WorkerJob, models: Models, step: int, runtime: Runtime) -
         pipe = make_pipeline(models)
         for index, prompt in enumerate(spec.validation_prompts):
             generator = torch.Generator().manual_seed(spec.seed + index)
-            with torch.no_grad():
+            autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+            with torch.no_grad(), autocast:
                 image = pipe(
                     prompt,
                     num_inference_steps=PREVIEW_STEPS,

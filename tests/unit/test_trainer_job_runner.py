@@ -24,6 +24,12 @@ from services.trainer.job_spec import JobSpec
 from services.trainer.jobs import Job, JobRepository, JobState
 from services.trainer.metrics import TrainerMetrics
 from services.trainer.priors_client import PriorsCancelled, PriorSetInfo
+from services.trainer.training_events import (
+    PreviewEvent,
+    ProgressEvent,
+    PublishingEvent,
+    TrainingCancelled,
+)
 
 DEADLINE_S = 20.0
 SPEC = JobSpec(
@@ -35,32 +41,6 @@ SPEC = JobSpec(
     resolution=64,
 )
 PRIOR_SPEC = JobSpec(**{**SPEC.to_json(), "with_prior_preservation": True, "class_prompt": "a dog"})
-
-
-# Stand-ins for the training core's events (the runner dispatches on the class name).
-@dataclass
-class ProgressEvent:
-    step: int
-    total_steps: int
-    loss: float
-    learning_rate: float
-    samples_per_second: float
-
-
-@dataclass
-class PreviewEvent:
-    step: int
-    prompt: str
-    jpeg: bytes
-
-
-@dataclass
-class PublishingEvent:
-    step: int
-
-
-class TrainingCancelled(Exception):
-    pass
 
 
 @dataclass
