@@ -23,11 +23,8 @@ class in a single process (unit tests).
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import logging
-import os
-import shutil
 import tempfile
 import threading
 import time
@@ -39,25 +36,26 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from services.common.errors import AlreadyExists, FailedPrecondition
+from services.common.errors import FailedPrecondition
 from services.common.model_store import ModelStore
 from services.common.settings import StoreSettings
 from services.common.store_factory import open_store
 from services.trainer import checkpoints, data
 from services.trainer.job_spec import JobSpec
+from services.trainer.train_outputs import (
+    load_lora_pipeline,
+    publish,
+    send_previews,
+    unwrap,
+)
 
 log = logging.getLogger(__name__)
 
-PREVIEW_STEPS = 20  # denoising steps of a validation preview
-PREVIEW_GUIDANCE = 7.5
-PREVIEW_JPEG_QUALITY = 85
 ADAM_WEIGHT_DECAY = 1e-2  # diffusers' train_dreambooth.py defaults
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
 LORA_UNET_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 LORA_TEXT_TARGETS = ["q_proj", "k_proj", "v_proj", "out_proj"]
-LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(dir) reads
-LORA_INFO_FILE = "dreambooth_lora.json"
 # Rank 0 talks to the driver at most this often (the driver drains every 0.25 s anyway): a remote
 # call per step would cost a few % of a small model's step time on a busy CPU.
 TALK_INTERVAL_S = 0.25
@@ -430,10 +428,6 @@ def trained_modules(models: Models, spec: JobSpec) -> dict[str, torch.nn.Module]
     return modules
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
-
-
 def trainable_state(modules: dict[str, torch.nn.Module], use_lora: bool) -> dict[str, torch.Tensor]:
     """What a checkpoint must hold: the LoRA adapters, or the full weights of trained modules."""
     from peft.utils import get_peft_model_state_dict
@@ -638,139 +632,6 @@ def restore_rng(state: dict[str, torch.Tensor]) -> None:
         torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-# Previews and publishing (rank 0)
-
-
-def make_pipeline(models: Models) -> Any:
-    """A sampling pipeline over the live (unwrapped) modules: no copies, no DDP hooks."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def send_previews(
-    job: WorkerJob, models: Models, step: int, runtime: Runtime, amp_dtype: torch.dtype | None
-) -> None:
-    """Sample the validation prompts with the live weights (seeded: comparable across steps).
-    Under autocast when training is: frozen half-precision and trained fp32 modules then mix."""
-    spec = job.spec
-    modes = models.unet.training, models.text_encoder.training
-    models.unet.eval()
-    models.text_encoder.eval()
-    try:
-        pipe = make_pipeline(models)
-        for index, prompt in enumerate(spec.validation_prompts):
-            generator = torch.Generator().manual_seed(spec.seed + index)
-            autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-            with torch.no_grad(), autocast:
-                image = pipe(
-                    prompt,
-                    num_inference_steps=PREVIEW_STEPS,
-                    guidance_scale=PREVIEW_GUIDANCE,
-                    height=spec.resolution,
-                    width=spec.resolution,
-                    generator=generator,
-                ).images[0]
-            out = io.BytesIO()
-            image.convert("RGB").save(out, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
-            runtime.send("preview", {"step": step, "prompt": prompt, "jpeg": out.getvalue()})
-    finally:
-        models.unet.train(modes[0])
-        models.text_encoder.train(modes[1])
-
-
-def publish(
-    job: WorkerJob, model_store: ModelStore, models: Models, modules: dict[str, torch.nn.Module]
-) -> None:
-    """Write the result as a folder and import it (ModelStore: blobs first, manifest last)."""
-    spec = job.spec
-    if model_store.exists(spec.model_id):
-        if model_store.get(spec.model_id).training_job == job.job_id:
-            return  # an earlier attempt of this job published it
-        raise AlreadyExists(f"model_id: model {spec.model_id!r} already exists; choose another model_id")
-    method = "dreambooth-lora" if spec.use_lora else "dreambooth"
-    labels = {"method": method, "steps": str(spec.max_train_steps)}
-    scratch = Path(model_store.cache_dir)
-    scratch.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=".publish-", dir=scratch))  # same filesystem: hard links work
-    try:
-        if spec.use_lora:
-            write_lora_folder(out, modules, spec)
-        else:
-            write_full_folder(out, models.folder, modules)
-        model_store.import_folder(
-            out,
-            spec.model_id,
-            kind="lora" if spec.use_lora else "fine_tuned",
-            base_model=spec.base_model,
-            training_job=job.job_id,
-            labels=labels,
-        )
-    finally:
-        shutil.rmtree(out, ignore_errors=True)
-
-
-def write_full_folder(out: Path, base: Path, modules: dict[str, torch.nn.Module]) -> None:
-    """The base folder with the trained components replaced. Untouched files are hard links to
-    the (read-only) materialised base: free to make, and their blobs stay shared in the store.
-    Trained components are written as new files, never through a link."""
-    for source in sorted(base.rglob("*")):
-        rel = source.relative_to(base)
-        if rel.parts[0] in modules or rel.parts[0].startswith(".") or not source.is_file():
-            continue
-        dest = out / rel
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(source, dest)
-        except OSError:
-            shutil.copyfile(source, dest)
-    for name, module in modules.items():
-        unwrap(module).save_pretrained(out / name, safe_serialization=True)
-
-
-def write_lora_folder(out: Path, modules: dict[str, torch.nn.Module], spec: JobSpec) -> None:
-    """Adapter weights only, in diffusers' LoRA format, plus a small JSON naming the base.
-    Load: the base pipeline, then `pipe.load_lora_weights(folder)` (see load_lora_pipeline)."""
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft.utils import get_peft_model_state_dict
-
-    layers = {
-        f"{name}_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unwrap(module)))
-        for name, module in modules.items()
-    }
-    StableDiffusionPipeline.save_lora_weights(
-        out, weight_name=LORA_WEIGHTS_FILE, safe_serialization=True, **layers
-    )
-    info = {
-        "base_model": spec.base_model,
-        "lora_rank": spec.lora_rank,
-        "weight_name": LORA_WEIGHTS_FILE,
-        "components": sorted(modules),
-    }
-    (out / LORA_INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-
-
-def load_lora_pipeline(base_folder: Path, lora_folder: Path) -> Any:
-    """The base model's pipeline with a published LoRA model's adapters loaded."""
-    from services.common.pipelines import load_pipeline
-
-    pipe = load_pipeline(base_folder)
-    pipe.load_lora_weights(str(lora_folder), weight_name=LORA_WEIGHTS_FILE)
-    return pipe
 
 
 # Measuring what was learned (tests, benchmarks)

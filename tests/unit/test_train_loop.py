@@ -18,14 +18,8 @@ from services.common.pipelines import load_pipeline
 from services.common.settings import StoreSettings
 from services.trainer import checkpoints
 from services.trainer.job_spec import JobSpec
-from services.trainer.train_loop import (
-    LORA_INFO_FILE,
-    LORA_WEIGHTS_FILE,
-    Runtime,
-    WorkerJob,
-    load_lora_pipeline,
-    train,
-)
+from services.trainer.train_loop import Runtime, WorkerJob, train
+from services.trainer.train_outputs import LORA_INFO_FILE, LORA_WEIGHTS_FILE, load_lora_pipeline
 from tests.fixtures.models import TINY_MODEL_ID
 from tests.fixtures.trainer_server import make_png
 
