@@ -15,14 +15,12 @@ totals over all rounds. The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import io
 import json
 import os
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +30,7 @@ import grpc
 import torch
 from dreambooth.v1 import inference_pb2, inference_pb2_grpc
 
+from services.common.background_loop import BackgroundLoop
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
 from services.common.settings import ServerSettings, StoreSettings
@@ -48,9 +47,7 @@ class BackgroundServer:
     """The service serving from an event loop in a background thread of this process."""
 
     def __init__(self, settings: InferenceSettings) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
+        self._loop = BackgroundLoop("bench-server-loop")
         self.server = InferenceServer(settings)
         self._call(self.server.start())
         self._call(self.server.wait_ready())
@@ -58,7 +55,7 @@ class BackgroundServer:
         self.stub = inference_pb2_grpc.InferenceServiceStub(self.channel)
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(600)
+        return self._loop.call(coro, 600)
 
     def generate(self, steps: int, seed: int) -> bytes:
         request = inference_pb2.GenerateRequest(
@@ -86,8 +83,7 @@ class BackgroundServer:
     def stop(self) -> None:
         self.channel.close()
         self._call(self.server.stop(grace=0))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
+        self._loop.close()
 
 
 class Baseline:

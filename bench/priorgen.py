@@ -14,11 +14,9 @@ of a shared machine. The last line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +25,7 @@ import grpc
 import torch
 from dreambooth.v1 import priorgen_pb2, priorgen_pb2_grpc
 
+from services.common.background_loop import BackgroundLoop
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
 from services.common.settings import ServerSettings, StoreSettings
@@ -43,16 +42,14 @@ class BackgroundServer:
     """The service serving from an event loop in a background thread of this process."""
 
     def __init__(self, settings: PriorGenSettings) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, daemon=True)
-        self._thread.start()
+        self._loop = BackgroundLoop("bench-server-loop")
         self.server = PriorGenServer(settings)
         self._call(self.server.start())
         self.channel = grpc.insecure_channel(self.server.address)
         self.stub = priorgen_pb2_grpc.PriorGenServiceStub(self.channel)
 
     def _call(self, coro: Any) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(300)
+        return self._loop.call(coro, 300)
 
     def generate(self, count: int, steps: int, seed: int) -> priorgen_pb2.PriorSet:
         request = priorgen_pb2.GeneratePriorsRequest(
@@ -70,8 +67,7 @@ class BackgroundServer:
     def stop(self) -> None:
         self.channel.close()
         self._call(self.server.stop(grace=0))
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(30)
+        self._loop.close()
 
 
 def baseline_images_per_s(model_dir: Path, count: int, steps: int, seed: int) -> float:
