@@ -47,8 +47,9 @@ from services.common.model_store import ModelStore
 from services.common.pipelines import disable_progress_bars
 from services.common.settings import StoreSettings
 from services.common.tiny_model import build_tiny_model
+from services.trainer.dataset_layout import write_dataset
+from services.trainer.driver.cluster import connect_ray, disconnect_ray
 from services.trainer.job_spec import JobSpec
-from services.trainer.ray_cluster import connect_ray, disconnect_ray
 
 MODEL_ID = "tiny-sd"
 DATASET = "b" * 64
@@ -84,8 +85,7 @@ def prepare_store(root: Path) -> StoreSettings:
     settings = StoreSettings(store_dir=str(root / "store"), cache_dir=str(root / "cache"))
     store = LocalObjectStore(root / "store")
     ModelStore(store, root / "cache").import_folder(build_tiny_model(root / "tiny"), MODEL_ID)
-    for index in range(SUBJECT_IMAGES):
-        store.put_bytes(f"datasets/{DATASET}/images/{index:03d}.png", png(subject_image(index)))
+    write_dataset(store, DATASET, [png(subject_image(index)) for index in range(SUBJECT_IMAGES)])
     for index in range(CLASS_IMAGES):
         store.put_bytes(f"{PRIORS}images/{index:05d}.png", png(subject_image(100 + index)))
     return settings
@@ -161,7 +161,8 @@ def plain_step_times(folder: Path, steps: int) -> list[float]:
 
 def ray_step_times(settings: StoreSettings, steps: int, cpus: int) -> list[float]:
     """The project's loop on 1 Ray Train worker; rank 0's clock at the end of each step."""
-    from services.trainer.ray_runner import ProgressEvent, run_training
+    from services.trainer.driver.run import run_training
+    from services.trainer.training_events import ProgressEvent
 
     spec = JobSpec(
         base_model=MODEL_ID,

@@ -250,6 +250,19 @@ class ModelStore:
         validate_model_id(model_id)
         return self.store.exists(manifest_key(model_id))
 
+    def published_by(self, model_id: str, training_job: str) -> bool:
+        """The one rule for "is this job's model already there?": False when no model has the id,
+        True when `training_job` published it, AlreadyExists when another model took the id."""
+        if not self.exists(model_id):
+            return False
+        owner = self.get(model_id).training_job or ""
+        if owner.removeprefix("trainingJobs/") == training_job.removeprefix("trainingJobs/"):
+            return True
+        raise AlreadyExists(
+            f"model_id: model {model_id!r} was published by something else; "
+            "create the job with another model_id"
+        )
+
     def list(self) -> list[ModelManifest]:
         """Every published model, sorted by id. Models with a malformed manifest are skipped."""
         manifests = []

@@ -1,7 +1,7 @@
 """LoRA models: the base pipeline with the adapters fused into private copies of what they touch.
 
 The trainer publishes a LoRA model as diffusers' LoRA folder (`pytorch_lora_weights.safetensors`,
-see services/trainer/train_loop.py). Fusing makes sampling cost what the base costs; the copies
+see services/trainer/worker/publish.py). Fusing makes sampling cost what the base costs; the copies
 keep the base's shared modules untouched (the VAE and tokenizer stay shared).
 """
 

@@ -21,12 +21,12 @@ from services.common.logging_setup import configure_logging
 from services.common.model_store import ModelStore
 from services.common.server import GrpcServerApp
 from services.common.store_factory import open_store
-from services.trainer.job_runner import RunnerSettings, TrainFn
-from services.trainer.job_service import TrainerCore
-from services.trainer.metrics import TrainerMetrics
-from services.trainer.priors_client import PriorsClient
-from services.trainer.ray_cluster import connect_ray, disconnect_ray
-from services.trainer.servicer import TrainerServicer
+from services.trainer.api.priors_client import PriorsClient
+from services.trainer.api.servicer import TrainerServicer
+from services.trainer.driver.cluster import connect_ray, disconnect_ray
+from services.trainer.jobs.core import TrainerCore
+from services.trainer.jobs.metrics import TrainerMetrics
+from services.trainer.jobs.runner import RunnerSettings, TrainFn
 from services.trainer.settings import TrainerSettings, load_settings
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def ray_gpu_count() -> int | None:
 
 def run_training(*args: Any, **kwargs: Any) -> Any:
     """The Ray Train core, imported on first use: Ray is heavy and not needed to serve requests."""
-    from services.trainer.ray_runner import run_training as ray_run_training
+    from services.trainer.driver.run import run_training as ray_run_training
 
     return ray_run_training(*args, **kwargs)
 

@@ -1,12 +1,19 @@
 """What a training run tells its caller: events while it runs, then a result or an exception.
 
-Kept free of torch and Ray so the trainer's serving process can dispatch on these types
-without importing the training stack (services.trainer.ray_runner produces them).
+Rank 0 of the Ray workers sends these dataclasses themselves (through the driver's channel
+actor); the driver and the job runner dispatch on their types. Kept free of torch and Ray so the
+trainer's serving process can import them without the training stack.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class StartedEvent:
+    step: int  # the worker group (re)started from this step: 0, or a checkpoint's
+    world_size: int
 
 
 @dataclass(frozen=True)
@@ -32,12 +39,20 @@ class PublishingEvent:
 
 
 @dataclass(frozen=True)
+class PublishedEvent:
+    step: int  # rank 0 wrote the model's manifest: the model exists
+    model_id: str
+
+
+@dataclass(frozen=True)
 class CheckpointEvent:
     step: int  # a complete checkpoint of this step is in the store
     duration_seconds: float
 
 
-TrainingEvent = ProgressEvent | PreviewEvent | PublishingEvent | CheckpointEvent
+TrainingEvent = (
+    StartedEvent | ProgressEvent | PreviewEvent | PublishingEvent | PublishedEvent | CheckpointEvent
+)
 
 
 @dataclass(frozen=True)

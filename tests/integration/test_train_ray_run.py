@@ -14,9 +14,10 @@ from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
 from services.common.pipelines import load_pipeline
 from services.common.settings import StoreSettings
-from services.trainer import checkpoints
+from services.trainer.dataset_layout import write_dataset
+from services.trainer.driver.run import run_training
 from services.trainer.job_spec import JobSpec
-from services.trainer.ray_runner import (
+from services.trainer.training_events import (
     CheckpointEvent,
     PreviewEvent,
     ProgressEvent,
@@ -24,11 +25,12 @@ from services.trainer.ray_runner import (
     TrainingCancelled,
     TrainingFailed,
     TrainingResult,
-    run_training,
 )
-from services.trainer.train_loop import subject_loss
+from services.trainer.worker import checkpoints
+from services.trainer.worker.measure import subject_loss
 from tests.fixtures.models import TINY_MODEL_ID
 from tests.fixtures.trainer_server import make_image, make_png
+from tests.fixtures.worker_faults import FailOnce
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -41,10 +43,9 @@ CANCEL_DEADLINE_S = 60.0  # generous: the machine is shared; the run normally st
 @pytest.fixture
 def store(s3_store: ObjectStore, model_store: ModelStore) -> ObjectStore:
     """The S3 bucket with the tiny model, a 4-image subject dataset and 4 class-prior images."""
+    write_dataset(s3_store, DATASET, [make_png(index) for index in range(SUBJECT_IMAGES)])
     for index in range(SUBJECT_IMAGES):
-        s3_store.put_bytes(f"datasets/{DATASET}/images/{index:03d}.png", make_png(index))
         s3_store.put_bytes(f"{PRIORS}images/{index:05d}.png", make_png(100 + index))
-    s3_store.put_json(f"datasets/{DATASET}/manifest.json", {"dataset_id": DATASET})
     return s3_store
 
 
@@ -93,7 +94,13 @@ def test_two_workers_with_priors_survive_a_worker_failure_and_publish_a_loadable
     5, the last rank failing once at step 7 (Ray restarts the group; it resumes from step 5),
     previews, publishing."""
     spec = _spec(num_workers=2, validation_prompts=("a sks dog at the beach",), validation_steps=5)
-    result, events = _train(s3_store_settings, spec, "job-two-workers", tmp_path, fail_once_at_step=7)
+    result, events = _train(
+        s3_store_settings,
+        spec,
+        "job-two-workers",
+        tmp_path,
+        step_callbacks=[FailOnce(step=7, marker=tmp_path / "failed-once")],
+    )
 
     assert result == TrainingResult(model_id="sks-dog", final_step=10, resumed_from_step=0, restarts=1)
     assert _steps(events) == list(range(1, 11))  # steps 6-7 ran twice; watchers see each once
@@ -122,7 +129,14 @@ def test_a_failure_beyond_max_failures_says_why(
 ) -> None:
     spec = _spec(max_train_steps=4, checkpointing_steps=2)
     with pytest.raises(TrainingFailed, match="injected worker failure at step 3"):
-        _train(s3_store_settings, spec, "job-fails", tmp_path, fail_once_at_step=3, max_failures=0)
+        _train(
+            s3_store_settings,
+            spec,
+            "job-fails",
+            tmp_path,
+            step_callbacks=[FailOnce(step=3, marker=tmp_path / "failed-once")],
+            max_failures=0,
+        )
     assert not model_store.exists("sks-dog")
 
 

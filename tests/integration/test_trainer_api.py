@@ -13,7 +13,7 @@ import grpc
 import pytest
 from dreambooth.v1 import trainer_pb2
 
-from services.trainer.datasets import DatasetStore
+from services.trainer.jobs.datasets import DatasetStore
 from tests.fixtures.trainer_server import (
     RunningTrainer,
     encode,

@@ -24,7 +24,7 @@ from dreambooth.v1 import trainer_pb2, trainer_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common.settings import StoreSettings
-from services.trainer.ray_cluster import OFFLINE_ENV
+from services.trainer.driver.cluster import OFFLINE_ENV
 from tests.fixtures.s3 import free_port
 from tests.fixtures.trainer_server import make_png, tiny_spec, upload_requests
 

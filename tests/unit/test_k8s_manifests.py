@@ -42,8 +42,8 @@ from services.inference.settings import InferenceSettings
 from services.priorgen.metrics import PriorGenMetrics
 from services.priorgen.settings import ENV_PREFIX as PRIORGEN_PREFIX
 from services.priorgen.settings import PriorGenSettings
-from services.trainer.jobs import JobState
-from services.trainer.metrics import TrainerMetrics
+from services.trainer.jobs.metrics import TrainerMetrics
+from services.trainer.jobs.records import JobState
 from services.trainer.settings import ENV_PREFIX as TRAINER_PREFIX
 from services.trainer.settings import TrainerSettings
 

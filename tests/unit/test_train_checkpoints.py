@@ -13,7 +13,7 @@ from safetensors.torch import load as load_safetensors
 
 from services.common.errors import DataCorruption
 from services.common.local_store import LocalObjectStore
-from services.trainer import checkpoints
+from services.trainer.worker import checkpoints
 
 
 def _trained_optimizer(seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer, object]:

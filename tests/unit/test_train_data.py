@@ -10,8 +10,9 @@ from PIL import Image
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.local_store import LocalObjectStore
-from services.trainer import data
-from services.trainer.train_loop import step_generator
+from services.trainer.dataset_layout import write_dataset
+from services.trainer.worker import data
+from services.trainer.worker.training_data import step_generator
 from tests.fixtures.trainer_server import make_image, make_png
 
 
@@ -79,9 +80,7 @@ def test_step_generators_differ_by_every_coordinate() -> None:
 def test_dataset_and_prior_keys_come_from_the_store(tmp_path: Path) -> None:
     store = LocalObjectStore(tmp_path / "store")
     dataset = "d" * 64
-    for index in (1, 0):
-        store.put_bytes(f"datasets/{dataset}/images/{index:03d}.png", make_png(index))
-    store.put_json(f"datasets/{dataset}/manifest.json", {})
+    write_dataset(store, dataset, [make_png(0), make_png(1)])
     store.put_bytes("priors/key/images/00000.png", make_png(7))
 
     keys = data.dataset_image_keys(store, dataset)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -16,10 +15,21 @@ from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
 from services.common.pipelines import load_pipeline
 from services.common.settings import StoreSettings
-from services.trainer import checkpoints
+from services.trainer.dataset_layout import write_dataset
 from services.trainer.job_spec import JobSpec
-from services.trainer.train_loop import Runtime, WorkerJob, train
-from services.trainer.train_outputs import LORA_INFO_FILE, LORA_WEIGHTS_FILE, load_lora_pipeline
+from services.trainer.training_events import (
+    CheckpointEvent,
+    PreviewEvent,
+    ProgressEvent,
+    PublishedEvent,
+    PublishingEvent,
+    StartedEvent,
+    TrainingEvent,
+)
+from services.trainer.worker import checkpoints
+from services.trainer.worker.loop import train
+from services.trainer.worker.publish import LORA_INFO_FILE, LORA_WEIGHTS_FILE, load_lora_pipeline
+from services.trainer.worker.runtime import Runtime, WorkerJob
 from tests.fixtures.models import TINY_MODEL_ID
 from tests.fixtures.trainer_server import make_png
 
@@ -33,8 +43,8 @@ def settings(tmp_path: Path, tiny_model_dir: Path) -> StoreSettings:
     settings = StoreSettings(store_dir=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
     store = LocalObjectStore(tmp_path / "store")
     ModelStore(store, tmp_path / "cache").import_folder(tiny_model_dir, TINY_MODEL_ID)
+    write_dataset(store, DATASET, [make_png(index) for index in range(4)])
     for index in range(4):
-        store.put_bytes(f"datasets/{DATASET}/images/{index:03d}.png", make_png(index))
         store.put_bytes(f"{PRIORS}images/{index:05d}.png", make_png(100 + index))
     return settings
 
@@ -58,9 +68,9 @@ def _spec(**overrides: object) -> JobSpec:
 class CancelAfterCheckpoint(Runtime):
     """A user who cancels as soon as the first checkpoint is written."""
 
-    def send(self, kind: str, payload: dict[str, Any]) -> None:
-        super().send(kind, payload)
-        if kind == "checkpoint":
+    def send(self, event: TrainingEvent) -> None:
+        super().send(event)
+        if isinstance(event, CheckpointEvent):
             self.cancelled.set()
 
 
@@ -79,8 +89,8 @@ def _unet_weights(settings: StoreSettings, model_id: str) -> dict[str, torch.Ten
     return load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
 
 
-def _progress(runtime: Runtime) -> list[dict[str, float]]:
-    return [payload for kind, payload in runtime.messages if kind == "progress"]
+def _progress(runtime: Runtime) -> list[ProgressEvent]:
+    return [event for event in runtime.events if isinstance(event, ProgressEvent)]
 
 
 def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(settings: StoreSettings) -> None:
@@ -90,15 +100,15 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(settings: StoreSett
     _run(settings, _spec(model_id="resumed"), "job-resumed", interrupted)
     store = LocalObjectStore(Path(settings.store_dir))
     assert checkpoints.newest_step(store, "job-resumed") == 2
-    assert [p["step"] for p in _progress(interrupted)] == [1, 2, 3]
+    assert [p.step for p in _progress(interrupted)] == [1, 2, 3]
     assert not _models(settings).exists("resumed")
 
     resumed = _run(settings, _spec(model_id="resumed"), "job-resumed")
-    assert ("started", {"step": 2, "world_size": 1}) in resumed.messages
-    assert [p["step"] for p in _progress(resumed)] == [3, 4]
+    assert StartedEvent(step=2, world_size=1) in resumed.events
+    assert [p.step for p in _progress(resumed)] == [3, 4]
     # Same draws, same optimizer state: the resumed curve is the uninterrupted one.
-    assert [p["loss"] for p in _progress(resumed)] == pytest.approx(
-        [p["loss"] for p in _progress(straight)][2:], rel=1e-5
+    assert [p.loss for p in _progress(resumed)] == pytest.approx(
+        [p.loss for p in _progress(straight)][2:], rel=1e-5
     )
     straight_weights = _unet_weights(settings, "straight")
     resumed_weights = _unet_weights(settings, "resumed")
@@ -109,9 +119,9 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(settings: StoreSett
 def test_a_run_publishes_a_fine_tuned_model_sharing_unchanged_blobs(settings: StoreSettings) -> None:
     runtime = _run(settings, _spec(max_train_steps=2, validation_prompts=("a sks dog",)), "job-1")
 
-    kinds = [kind for kind, _ in runtime.messages]
-    assert kinds[0] == "started" and kinds[-2:] == ["publishing", "published"]
-    assert kinds.count("preview") == 1
+    kinds = [type(event) for event in runtime.events]
+    assert kinds[0] is StartedEvent and kinds[-2:] == [PublishingEvent, PublishedEvent]
+    assert kinds.count(PreviewEvent) == 1
     models = _models(settings)
     manifest, base = models.get("fine-tuned"), models.get(TINY_MODEL_ID)
     assert (manifest.kind, manifest.base_model, manifest.training_job) == (
@@ -139,7 +149,7 @@ def test_training_the_text_encoder_with_accumulation_and_a_warmup_schedule(setti
     runtime = _run(settings, spec, "job-te")
 
     # Linear warm-up over 2 steps (diffusers' schedule starts at 0), then constant.
-    assert [p["learning_rate"] for p in _progress(runtime)] == pytest.approx([0.0, 5e-4, 1e-3])
+    assert [p.learning_rate for p in _progress(runtime)] == pytest.approx([0.0, 5e-4, 1e-3])
     models = _models(settings)
     manifest, base = models.get("fine-tuned"), models.get(TINY_MODEL_ID)
     assert manifest.files["text_encoder/model.safetensors"] != base.files["text_encoder/model.safetensors"]
@@ -168,5 +178,5 @@ def test_lora_runs_resume_from_adapter_checkpoints(settings: StoreSettings) -> N
     assert state.trainable and all("lora" in key for key in state.trainable)
 
     resumed = _run(settings, spec, "job-lora-resume")
-    assert [p["step"] for p in _progress(resumed)] == [3, 4]
+    assert [p.step for p in _progress(resumed)] == [3, 4]
     assert _models(settings).get("lora-resumed").kind == "lora"

@@ -9,58 +9,55 @@ import pytest
 from ray.train import ControllerError, WorkerGroupError
 
 from services.common.errors import NotFound
-from services.trainer.ray_runner import (
+from services.trainer.driver.channel import JobChannel, Pump
+from services.trainer.driver.failures import describe_failure
+from services.trainer.training_events import (
     CheckpointEvent,
-    JobChannel,
     PreviewEvent,
     ProgressEvent,
+    PublishedEvent,
     PublishingEvent,
-    _Pump,
-    describe_failure,
+    StartedEvent,
 )
 
 
-def _progress(step: int) -> tuple[str, dict[str, float]]:
-    return "progress", {
-        "step": step,
-        "total_steps": 10,
-        "loss": 0.5,
-        "learning_rate": 1e-4,
-        "samples_per_second": 3.0,
-        "time": 1700000000.0 + step,
-    }
+def _progress(step: int) -> ProgressEvent:
+    return ProgressEvent(
+        step=step,
+        total_steps=10,
+        loss=0.5,
+        learning_rate=1e-4,
+        samples_per_second=3.0,
+        time=1700000000.0 + step,
+    )
 
 
-def test_the_channel_hands_over_messages_once_and_one_fault() -> None:
+def test_the_channel_hands_over_events_once_and_carries_the_cancel() -> None:
     channel = JobChannel()
-    channel.push(*_progress(1))
-    channel.push("checkpoint", {"step": 1, "duration_seconds": 0.1})
-    assert [kind for kind, _ in channel.take()] == ["progress", "checkpoint"]
+    channel.push_many([_progress(1), CheckpointEvent(step=1, duration_seconds=0.1)])
+    assert [type(event) for event in channel.take()] == [ProgressEvent, CheckpointEvent]
     assert channel.take() == []
     assert not channel.cancelled()
     channel.cancel()
     assert channel.cancelled()
-    assert channel.take_fault() is True
-    assert channel.take_fault() is False
 
 
-def test_the_pump_turns_messages_into_events_and_hides_repeated_steps() -> None:
+def test_the_pump_forwards_events_and_hides_repeated_steps() -> None:
     events: list[object] = []
-    pump = _Pump(channel=None, on_event=events.append, cancel=threading.Event())
+    pump = Pump(channel=None, on_event=events.append, cancel=threading.Event())
     pump._deliver(
         [
-            ("started", {"step": 0, "world_size": 2}),
+            StartedEvent(step=0, world_size=2),
             _progress(1),
             _progress(2),
-            ("checkpoint", {"step": 2, "duration_seconds": 0.2}),
+            CheckpointEvent(step=2, duration_seconds=0.2),
             _progress(3),
-            ("started", {"step": 2, "world_size": 2}),  # Ray restarted the workers from step 2
+            StartedEvent(step=2, world_size=2),  # Ray restarted the workers from step 2
             _progress(3),
             _progress(4),
-            ("preview", {"step": 4, "prompt": "a sks dog", "jpeg": b"\xff\xd8"}),
-            ("publishing", {"step": 4}),
-            ("published", {"step": 4, "model_id": "m"}),
-            ("something-new", {}),
+            PreviewEvent(step=4, prompt="a sks dog", jpeg=b"\xff\xd8"),
+            PublishingEvent(step=4),
+            PublishedEvent(step=4, model_id="m"),
         ]
     )
     assert [type(event) for event in events] == [
@@ -84,7 +81,7 @@ def test_a_failing_listener_does_not_stop_the_pump() -> None:
         delivered.append(event)
         raise ValueError("listener bug")
 
-    pump = _Pump(channel=None, on_event=listener, cancel=threading.Event())
+    pump = Pump(channel=None, on_event=listener, cancel=threading.Event())
     pump._deliver([_progress(1), _progress(2)])
     assert len(delivered) == 2
 

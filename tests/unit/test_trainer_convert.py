@@ -8,10 +8,10 @@ import pytest
 from dreambooth.v1 import common_pb2, trainer_pb2
 
 from services.common.errors import InvalidArgument
-from services.trainer import convert
-from services.trainer.events import JobEvent, Preview, PriorProgressInfo
+from services.trainer.api import convert
 from services.trainer.job_spec import JobSpec
-from services.trainer.jobs import Job, JobState, Progress
+from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
+from services.trainer.jobs.records import Job, JobState, Progress
 from tests.fixtures.trainer_server import encode, make_image
 
 SPEC = JobSpec(

@@ -11,7 +11,8 @@ from PIL import Image, PngImagePlugin
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.local_store import LocalObjectStore
-from services.trainer.datasets import DatasetStore, ImageUpload, parse_dataset_name
+from services.trainer.dataset_layout import parse_dataset_name
+from services.trainer.jobs.datasets import DatasetStore, ImageUpload
 from services.trainer.settings import UploadLimits
 from tests.fixtures.trainer_server import encode, make_image, make_png
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from services.common.local_store import LocalObjectStore
-from services.trainer.events import (
+from services.trainer.job_spec import JobSpec
+from services.trainer.jobs.events import (
     PREVIEWS_IN_MEMORY,
     SEQUENCE_BLOCK,
     EventLogs,
@@ -18,8 +19,7 @@ from services.trainer.events import (
     PriorProgressInfo,
     events_key,
 )
-from services.trainer.job_spec import JobSpec
-from services.trainer.jobs import Job, JobState, Progress
+from services.trainer.jobs.records import Job, JobState, Progress
 
 SPEC = JobSpec(base_model="tiny-sd", dataset="a" * 64, instance_prompt="a photo of sks dog")
 
@@ -166,7 +166,7 @@ def test_a_job_without_a_log_gets_one_from_its_record(store: LocalObjectStore) -
 
 
 def test_event_json_round_trip() -> None:
-    from services.trainer.events import JobEvent
+    from services.trainer.jobs.events import JobEvent
 
     for payload in (
         job(JobState.TRAINING),

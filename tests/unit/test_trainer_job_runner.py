@@ -16,14 +16,14 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry
 
-from services.common.errors import Unavailable
+from services.common.errors import AlreadyExists, Unavailable
 from services.common.local_store import LocalObjectStore
-from services.trainer.events import EventLogs
-from services.trainer.job_runner import JobRunner, RunnerSettings, _ProgressTracker, examples_per_step
 from services.trainer.job_spec import JobSpec
-from services.trainer.jobs import Job, JobRepository, JobState
-from services.trainer.metrics import TrainerMetrics
-from services.trainer.priors_client import PriorsCancelled, PriorSetInfo
+from services.trainer.jobs.events import EventLogs
+from services.trainer.jobs.metrics import TrainerMetrics
+from services.trainer.jobs.priors import PriorsCancelled, PriorSetInfo
+from services.trainer.jobs.records import Job, JobRepository, JobState
+from services.trainer.jobs.runner import JobRunner, RunnerSettings, _ProgressTracker, examples_per_step
 from services.trainer.training_events import (
     PreviewEvent,
     ProgressEvent,
@@ -100,11 +100,14 @@ class FakeModels:
         self.train = train
         self.owner: dict[str, str] = {}
 
-    def exists(self, model_id: str) -> bool:
-        return model_id in self.train.models or model_id in self.owner
-
-    def training_job_of(self, model_id: str) -> str | None:
-        return self.owner.get(model_id)
+    def published_by(self, model_id: str, training_job: str) -> bool:
+        if model_id in self.train.models:  # the fake trainer publishes only its own jobs' models
+            return True
+        if model_id not in self.owner:
+            return False
+        if self.owner[model_id] == f"trainingJobs/{training_job}":
+            return True
+        raise AlreadyExists(f"model_id: model {model_id!r} was published by something else")
 
 
 @dataclass

@@ -10,7 +10,7 @@ import pytest
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.local_store import LocalObjectStore
 from services.trainer.job_spec import JobSpec
-from services.trainer.jobs import (
+from services.trainer.jobs.records import (
     FINAL_STATES,
     TRANSITIONS,
     JobRepository,

@@ -10,9 +10,9 @@ import pytest
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
-from services.trainer.datasets import DatasetStore
+from services.trainer.jobs.datasets import DatasetStore
+from services.trainer.jobs.validation import SpecRequest, StoreModelCatalog, validate_spec
 from services.trainer.settings import SpecLimits
-from services.trainer.validation import SpecRequest, StoreModelCatalog, validate_spec
 from tests.fixtures.trainer_server import make_dataset
 
 LIMITS = SpecLimits()

@@ -13,11 +13,11 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from PIL import Image
 
 from services.common.errors import InvalidArgument
-from services.trainer.datasets import DatasetInfo
-from services.trainer.events import JobEvent, Preview, PriorProgressInfo
+from services.trainer.dataset_layout import DatasetInfo
 from services.trainer.job_spec import JobSpec
-from services.trainer.jobs import Job, JobState, Progress
-from services.trainer.validation import SpecRequest
+from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
+from services.trainer.jobs.records import Job, JobState, Progress
+from services.trainer.jobs.validation import SpecRequest
 
 # Numeric spec fields; with proto3 `optional` an unset one is None (its default applies).
 _NUMERIC_FIELDS = (

@@ -29,7 +29,7 @@ from typing import Any
 
 from services.common.errors import NotFound
 from services.common.object_store import ObjectStore
-from services.trainer.jobs import Job, Progress
+from services.trainer.jobs.records import Job, Progress
 
 log = logging.getLogger(__name__)
 

@@ -24,19 +24,18 @@ from PIL import Image
 
 from services.common.errors import FailedPrecondition, NotFound
 from services.common.object_store import ObjectStore
+from services.trainer.dataset_layout import dataset_name, read_dataset
 
-DATASETS_PREFIX = "datasets/"
 RANDOM_CROP_VIEWS = 4  # seeded crops per image when random cropping applies
 ENCODE_BATCH = 4  # images per VAE call while caching (x their views)
 MAX_IMAGE_PIXELS = 64 * 1024 * 1024  # stored images were normalised on upload; this is a backstop
 
 
 def dataset_image_keys(store: ObjectStore, dataset_id: str) -> list[str]:
-    """Keys of the dataset's images in upload order (`images/000.png`, `images/001.png`, ...)."""
-    prefix = f"{DATASETS_PREFIX}{dataset_id}/images/"
-    keys = [info.key for info in store.list(prefix) if info.key.endswith(".png")]
+    """Keys of the dataset's images in upload order, as its manifest lists them."""
+    keys = read_dataset(store, dataset_id).image_keys()
     if not keys:
-        raise NotFound("dataset", f"dataset 'datasets/{dataset_id}' not found or has no images")
+        raise NotFound("dataset", f"dataset {dataset_name(dataset_id)!r} has no images")
     return keys
 
 

@@ -8,7 +8,7 @@
        the channel into `on_event` and forwards a cancel
     4. Result: TrainingResult, TrainingCancelled, or TrainingFailed with a message a user can act on
 
-Checkpoints live in the object store (services.trainer.checkpoints); workers resume from the
+Checkpoints live in the object store (services.trainer.worker.checkpoints); workers resume from the
 newest one by themselves, so a Ray retry and a restarted trainer process continue the same run.
 """
 
@@ -17,139 +17,30 @@ from __future__ import annotations
 import logging
 import threading
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from services.common.errors import AlreadyExists, DomainError, FailedPrecondition, NotFound
+from services.common.errors import FailedPrecondition, NotFound
 from services.common.model_store import ModelStore
 from services.common.settings import StoreSettings
 from services.common.store_factory import open_store
-from services.trainer import checkpoints, data, ray_cluster
+from services.trainer.driver import cluster as ray_cluster
+from services.trainer.driver.channel import JobChannel, Pump
+from services.trainer.driver.failures import describe_failure
 from services.trainer.job_spec import JobSpec
 from services.trainer.training_events import (
-    CheckpointEvent,
-    PreviewEvent,
-    ProgressEvent,
-    PublishingEvent,
     TrainingCancelled,
     TrainingEvent,
     TrainingFailed,
     TrainingResult,
 )
+from services.trainer.worker import checkpoints, data
+from services.trainer.worker.runtime import StepCallback
 
 log = logging.getLogger(__name__)
 
-POLL_SECONDS = 0.25  # how often the driver drains progress and forwards a cancel
 DEFAULT_STORAGE = "dreambooth-ray-train"  # under the temp dir when no storage_path is given
-
-
-class JobChannel:
-    """Ray actor between the driver and rank 0. A plain (ordered, single-threaded) actor: rank 0's
-    fire-and-forget pushes arrive in the order they were sent."""
-
-    def __init__(self) -> None:
-        self._messages: list[tuple[str, dict[str, Any]]] = []
-        self._cancelled = False
-        self._fault_taken = False
-
-    def push(self, kind: str, payload: dict[str, Any]) -> None:
-        self._messages.append((kind, payload))
-
-    def push_many(self, messages: list[tuple[str, dict[str, Any]]]) -> None:
-        self._messages.extend(messages)
-
-    def take(self) -> list[tuple[str, dict[str, Any]]]:
-        messages, self._messages = self._messages, []
-        return messages
-
-    def cancel(self) -> None:
-        self._cancelled = True
-
-    def cancelled(self) -> bool:
-        return self._cancelled
-
-    def take_fault(self) -> bool:
-        """True exactly once per job run (test hook `fail_once_at_step`)."""
-        taken, self._fault_taken = self._fault_taken, True
-        return not taken
-
-
-class _Pump:
-    """Driver thread: channel messages -> on_event (in order), cancel.set() -> channel.cancel()."""
-
-    def __init__(
-        self, channel: Any, on_event: Callable[[TrainingEvent], None], cancel: threading.Event
-    ) -> None:
-        self.channel = channel
-        self.on_event = on_event
-        self.cancel = cancel
-        self.starts: list[int] = []  # the step each worker-group start resumed from
-        self.published_step: int | None = None  # set when rank 0 reports the model published
-        self._last_step = 0
-        self._stop = threading.Event()
-        self._cancel_sent = False
-        self._thread = threading.Thread(target=self._run, name="training-events", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def finish(self) -> None:
-        """Stop the thread, then deliver whatever is still in the channel."""
-        import ray
-
-        self._stop.set()
-        self._thread.join()
-        try:
-            self._deliver(ray.get(self.channel.take.remote()))
-        except Exception:  # never hide how the run itself ended
-            log.exception("cannot read the last training events")
-
-    def _run(self) -> None:
-        import ray
-
-        while not self._stop.is_set():
-            if self.cancel.is_set() and not self._cancel_sent:
-                ray.get(self.channel.cancel.remote())
-                self._cancel_sent = True
-            try:
-                self._deliver(ray.get(self.channel.take.remote()))
-            except Exception:  # the channel is gone only when the run is over
-                log.exception("cannot read training events")
-                return
-            self._stop.wait(POLL_SECONDS)
-
-    def _deliver(self, messages: list[tuple[str, dict[str, Any]]]) -> None:
-        for kind, payload in messages:
-            event = self._to_event(kind, payload)
-            if event is None:
-                continue
-            try:
-                self.on_event(event)
-            except Exception:  # a listener's bug must not stop the run
-                log.exception("training event handler failed")
-
-    def _to_event(self, kind: str, payload: dict[str, Any]) -> TrainingEvent | None:
-        if kind == "started":
-            self.starts.append(int(payload["step"]))
-            return None
-        if kind == "progress":
-            # After a retry the steps since the last checkpoint run again: report only new ones.
-            if payload["step"] <= self._last_step:
-                return None
-            self._last_step = payload["step"]
-            return ProgressEvent(**payload)
-        if kind == "preview":
-            return PreviewEvent(**payload)
-        if kind == "checkpoint":
-            return CheckpointEvent(**payload)
-        if kind == "publishing":
-            return PublishingEvent(**payload)
-        if kind == "published":
-            self.published_step = int(payload["step"])
-            return None
-        log.warning("unknown training message %r", kind)
-        return None
 
 
 def run_training(
@@ -162,16 +53,17 @@ def run_training(
     cancel: threading.Event,
     storage_path: str | None = None,
     max_failures: int = 1,
-    fail_once_at_step: int | None = None,
     cpus_per_worker: int = 1,
+    step_callbacks: Sequence[StepCallback] = (),
 ) -> TrainingResult:
     """Train `spec` as job `job_id` on the connected Ray (connect_ray first) and publish
-    `spec.model_id`. Resumes from the job's newest checkpoint in the store."""
+    `spec.model_id`. Resumes from the job's newest checkpoint in the store. `step_callbacks` run
+    in every worker after each step (tests inject faults with them; see worker.runtime)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.trainer.train_loop import train_loop_per_worker
+    from services.trainer.worker.loop import train_loop_per_worker
 
     if not ray.is_initialized():
         raise RuntimeError("connect_ray() must be called before run_training()")
@@ -198,7 +90,7 @@ def run_training(
             "store_settings": store_settings,
             "prior_prefix": prior_prefix,
             "channel": channel,
-            "fail_once_at_step": fail_once_at_step,
+            "step_callbacks": list(step_callbacks),
             "cpus_per_worker": cpus_per_worker,
         },
         scaling_config=ScalingConfig(
@@ -212,7 +104,7 @@ def run_training(
             checkpoint_config=CheckpointConfig(num_to_keep=checkpoints.KEEP_NEWEST),
         ),
     )
-    pump = _Pump(channel, on_event, cancel)
+    pump = Pump(channel, on_event, cancel)
     pump.start()
     log.info("training job %s on %d worker(s), resuming from step %d", job_id, spec.num_workers, resumed_from)
     try:
@@ -247,10 +139,8 @@ def _already_published(models: ModelStore, job_id: str, spec: JobSpec) -> Traini
     """A trainer killed after publishing: the model is there, nothing to redo."""
     if not spec.model_id:
         raise FailedPrecondition("model_id: the job's model id was not resolved")
-    if not models.exists(spec.model_id):
+    if not models.published_by(spec.model_id, job_id):
         return None
-    if models.get(spec.model_id).training_job != job_id:
-        raise AlreadyExists(f"model_id: model {spec.model_id!r} already exists; choose another model_id")
     return TrainingResult(
         model_id=spec.model_id, final_step=spec.max_train_steps, resumed_from_step=spec.max_train_steps
     )
@@ -283,46 +173,3 @@ def _default_storage() -> str:
     import tempfile
 
     return str(Path(tempfile.gettempdir()) / DEFAULT_STORAGE)
-
-
-def describe_failure(err: BaseException) -> str:
-    """A one-paragraph reason from Ray's error: the workers' own exceptions, not Ray's wrapping."""
-    failures = getattr(err, "worker_failures", None)
-    if failures:
-        rank, cause = sorted(failures.items())[0]
-        cause = _root_cause(cause)
-        return (
-            _advice(cause) or f"training failed on worker {rank}: {type(cause).__name__}: {_last_line(cause)}"
-        )
-    controller = getattr(err, "controller_failure", None)
-    if controller is not None:
-        return f"training failed in Ray Train's controller: {_last_line(_root_cause(controller))}"
-    return f"training failed: {type(err).__name__}: {_last_line(err)}"
-
-
-def _root_cause(err: BaseException) -> BaseException:
-    seen = set()
-    while id(err) not in seen:
-        seen.add(id(err))
-        inner = getattr(err, "cause", None) or err.__cause__
-        if inner is None:
-            break
-        err = inner
-    return err
-
-
-def _advice(err: BaseException) -> str | None:
-    text = str(err)
-    if isinstance(err, DomainError):
-        return text
-    if "out of memory" in text.lower():
-        return (
-            "the GPU ran out of memory: lower train_batch_size or resolution, or turn on "
-            "gradient_checkpointing, mixed_precision or use_lora"
-        )
-    return None
-
-
-def _last_line(err: BaseException) -> str:
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__

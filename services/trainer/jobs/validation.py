@@ -17,7 +17,7 @@ from typing import Protocol
 
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.model_store import ModelStore, blob_key, parse_model_name, validate_model_id
-from services.trainer.datasets import parse_dataset_name
+from services.trainer.dataset_layout import parse_dataset_name
 from services.trainer.job_spec import JobSpec
 from services.trainer.settings import SpecLimits
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import grpc
 from dreambooth.v1 import priorgen_pb2, priorgen_pb2_grpc
@@ -18,6 +17,7 @@ from dreambooth.v1 import priorgen_pb2, priorgen_pb2_grpc
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.model_store import model_name
 from services.trainer.job_spec import JobSpec
+from services.trainer.jobs.priors import PriorsCancelled, PriorSetInfo
 
 log = logging.getLogger(__name__)
 
@@ -26,17 +26,6 @@ _RETRYABLE = (
     grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 )
-
-
-class PriorsCancelled(Exception):
-    """The job was cancelled while its priors were being generated."""
-
-
-@dataclass(frozen=True)
-class PriorSetInfo:
-    prefix: str
-    count: int
-    cached: bool
 
 
 def priors_request(spec: JobSpec) -> priorgen_pb2.GeneratePriorsRequest:

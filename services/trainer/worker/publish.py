@@ -1,84 +1,24 @@
-"""What rank 0 makes of a training run besides checkpoints: validation previews sampled with
-the live weights, and the published model (a full fine-tune folder or LoRA adapters only).
-"""
+"""Publishing: rank 0 writes the trained model as a folder (a full fine-tune, or LoRA adapters
+only) and imports it into the model store (blobs first, manifest last)."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from services.common.errors import AlreadyExists
 from services.common.model_store import ModelStore
 from services.trainer.job_spec import JobSpec
+from services.trainer.worker.models import Models, unwrap
+from services.trainer.worker.runtime import WorkerJob
 
-if TYPE_CHECKING:
-    from services.trainer.train_loop import Models, Runtime, WorkerJob
-
-PREVIEW_STEPS = 20  # denoising steps of a validation preview
-PREVIEW_GUIDANCE = 7.5
-PREVIEW_JPEG_QUALITY = 85
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"  # what pipe.load_lora_weights(dir) reads
 LORA_INFO_FILE = "dreambooth_lora.json"
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if isinstance(module, torch.nn.parallel.DistributedDataParallel) else module
-
-
-def make_pipeline(models: Models) -> Any:
-    """A sampling pipeline over the live (unwrapped) modules: no copies, no DDP hooks."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
-        vae=models.vae,
-        text_encoder=models.text_encoder,
-        tokenizer=models.tokenizer,
-        unet=models.unet,
-        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-def send_previews(
-    job: WorkerJob, models: Models, step: int, runtime: Runtime, amp_dtype: torch.dtype | None
-) -> None:
-    """Sample the validation prompts with the live weights (seeded: comparable across steps).
-    Under autocast when training is: frozen half-precision and trained fp32 modules then mix."""
-    spec = job.spec
-    modes = models.unet.training, models.text_encoder.training
-    models.unet.eval()
-    models.text_encoder.eval()
-    try:
-        pipe = make_pipeline(models)
-        for index, prompt in enumerate(spec.validation_prompts):
-            generator = torch.Generator().manual_seed(spec.seed + index)
-            autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-            with torch.no_grad(), autocast:
-                image = pipe(
-                    prompt,
-                    num_inference_steps=PREVIEW_STEPS,
-                    guidance_scale=PREVIEW_GUIDANCE,
-                    height=spec.resolution,
-                    width=spec.resolution,
-                    generator=generator,
-                ).images[0]
-            out = io.BytesIO()
-            image.convert("RGB").save(out, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
-            runtime.send("preview", {"step": step, "prompt": prompt, "jpeg": out.getvalue()})
-    finally:
-        models.unet.train(modes[0])
-        models.text_encoder.train(modes[1])
 
 
 def publish(
@@ -86,10 +26,8 @@ def publish(
 ) -> None:
     """Write the result as a folder and import it (ModelStore: blobs first, manifest last)."""
     spec = job.spec
-    if model_store.exists(spec.model_id):
-        if model_store.get(spec.model_id).training_job == job.job_id:
-            return  # an earlier attempt of this job published it
-        raise AlreadyExists(f"model_id: model {spec.model_id!r} already exists; choose another model_id")
+    if model_store.published_by(spec.model_id, job.job_id):
+        return  # an earlier attempt of this job published it
     method = "dreambooth-lora" if spec.use_lora else "dreambooth"
     labels = {"method": method, "steps": str(spec.max_train_steps)}
     scratch = Path(model_store.cache_dir)

@@ -22,11 +22,11 @@ from typing import Any, Protocol
 
 from services.common.errors import DomainError
 from services.common.settings import StoreSettings
-from services.trainer.events import EventLogs, PriorProgressInfo
 from services.trainer.job_spec import JobSpec
-from services.trainer.jobs import Job, JobRepository, JobState, Progress
-from services.trainer.metrics import TrainerMetrics
-from services.trainer.priors_client import PriorsCancelled, PriorSetInfo
+from services.trainer.jobs.events import EventLogs, PriorProgressInfo
+from services.trainer.jobs.metrics import TrainerMetrics
+from services.trainer.jobs.priors import PriorsCancelled, PriorsProvider
+from services.trainer.jobs.records import Job, JobRepository, JobState, Progress
 from services.trainer.training_events import (
     CheckpointEvent,
     PreviewEvent,
@@ -41,14 +41,8 @@ log = logging.getLogger(__name__)
 MAX_ERROR_CHARS = 2000
 
 
-class PriorsProvider(Protocol):
-    def generate(
-        self, spec: JobSpec, *, on_progress: Callable[[int, int], None], cancel: threading.Event
-    ) -> PriorSetInfo: ...
-
-
 class TrainFn(Protocol):
-    """`services.trainer.ray_runner.run_training`, or a stand-in in unit tests."""
+    """`services.trainer.driver.run.run_training`, or a stand-in in unit tests."""
 
     def __call__(
         self,
@@ -65,9 +59,8 @@ class TrainFn(Protocol):
 
 
 class PublishedModels(Protocol):
-    def exists(self, model_id: str) -> bool: ...
-
-    def training_job_of(self, model_id: str) -> str | None: ...
+    def published_by(self, model_id: str, training_job: str) -> bool:
+        """ModelStore.published_by: False, True, or AlreadyExists when another model has the id."""
 
 
 @dataclass(frozen=True)
@@ -250,7 +243,7 @@ class JobRunner:
         job = self.repo.update(job_id, runs=job.runs + 1)
         log.info("job started", extra={"job_id": job_id, "run": job.runs, "model_id": spec.model_id})
 
-        if self._already_published(job):
+        if self.models.published_by(spec.model_id, job_id):  # a trainer killed while publishing
             self.repo.transition(job_id, JobState.PUBLISHING)
             self.repo.transition(job_id, JobState.SUCCEEDED, model=f"models/{spec.model_id}")
             return
@@ -292,18 +285,6 @@ class JobRunner:
             ),
         )
         log.info("job succeeded", extra={"job_id": job_id, "model": result.model_id, "step": final_step})
-
-    def _already_published(self, job: Job) -> bool:
-        """A trainer killed while publishing left a finished model: nothing to redo."""
-        model_id = job.spec.model_id
-        if not self.models.exists(model_id):
-            return False
-        owner = self.models.training_job_of(model_id) or ""
-        if owner.removeprefix("trainingJobs/") == job.job_id:
-            return True
-        raise _UserError(
-            f"model id {model_id!r} was taken by another model; create the job with another model_id"
-        )
 
     def _generate_priors(self, job: Job, cancel: threading.Event) -> str:
         job_id = job.job_id
@@ -359,10 +340,6 @@ class JobRunner:
 def _check(cancel: threading.Event) -> None:
     if cancel.is_set():
         raise JobCancelled()
-
-
-class _UserError(DomainError):
-    """A failure whose message tells the user what to change."""
 
 
 class _EventHandler:

@@ -13,10 +13,11 @@ from collections.abc import Callable
 
 from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
-from services.trainer.datasets import DatasetInfo, DatasetStore, ImageUpload
-from services.trainer.events import EventLogs, JobEventLog
-from services.trainer.job_runner import JobRunner, PriorsProvider, RunnerSettings, TrainFn
-from services.trainer.jobs import (
+from services.trainer.dataset_layout import DatasetInfo
+from services.trainer.jobs.datasets import DatasetStore, ImageUpload
+from services.trainer.jobs.events import EventLogs, JobEventLog
+from services.trainer.jobs.metrics import TrainerMetrics
+from services.trainer.jobs.records import (
     Job,
     JobRepository,
     JobState,
@@ -25,24 +26,11 @@ from services.trainer.jobs import (
     parse_job_name,
     validate_request_id,
 )
-from services.trainer.metrics import TrainerMetrics
+from services.trainer.jobs.runner import JobRunner, PriorsProvider, RunnerSettings, TrainFn
+from services.trainer.jobs.validation import GpuCounter, SpecRequest, StoreModelCatalog, validate_spec
 from services.trainer.settings import SpecLimits, UploadLimits
-from services.trainer.validation import GpuCounter, SpecRequest, StoreModelCatalog, validate_spec
 
 log = logging.getLogger(__name__)
-
-
-class PublishedModelsView:
-    """What the runner needs to know about published models."""
-
-    def __init__(self, models: ModelStore) -> None:
-        self.models = models
-
-    def exists(self, model_id: str) -> bool:
-        return self.models.exists(model_id)
-
-    def training_job_of(self, model_id: str) -> str | None:
-        return self.models.get(model_id).training_job
 
 
 class TrainerCore:
@@ -75,7 +63,7 @@ class TrainerCore:
             events=self.events,
             priors=priors,
             train=train,
-            models=PublishedModelsView(models),
+            models=models,
             settings=runner_settings,
             metrics=metrics,
             clock=clock,

@@ -3,10 +3,7 @@
 Every uploaded image is decoded under a pixel limit (decompression bombs refused), EXIF-rotated,
 converted to RGB and re-encoded as PNG. The dataset id is the sha256 over the normalised images'
 digests, in upload order, so the same photos give the same dataset whatever their original
-encoding metadata. Layout:
-
-    datasets/{id}/images/{i:03d}.png
-    datasets/{id}/manifest.json      written last: a dataset without a manifest does not exist
+encoding metadata. The layout is services.trainer.dataset_layout's.
 """
 
 from __future__ import annotations
@@ -14,77 +11,17 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
-import re
-from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.images import decode_image, encode_image
 from services.common.object_store import ObjectStore
+from services.trainer.dataset_layout import (
+    DatasetInfo,
+    manifest_key,
+    read_dataset,
+    write_dataset,
+)
 from services.trainer.settings import UploadLimits
-
-PREFIX = "datasets/"
-_DATASET_ID = re.compile(r"^[0-9a-f]{64}$")
-
-
-@dataclass(frozen=True)
-class DatasetImage:
-    path: str  # relative to the dataset, e.g. "images/000.png"
-    sha256: str
-    size: int
-    width: int
-    height: int
-
-
-@dataclass(frozen=True)
-class DatasetInfo:
-    dataset_id: str
-    images: tuple[DatasetImage, ...]
-    create_time: str  # ISO-8601, UTC
-
-    @property
-    def image_count(self) -> int:
-        return len(self.images)
-
-    @property
-    def size_bytes(self) -> int:
-        return sum(image.size for image in self.images)
-
-    @property
-    def name(self) -> str:
-        return dataset_name(self.dataset_id)
-
-    def image_keys(self) -> list[str]:
-        return [f"{PREFIX}{self.dataset_id}/{image.path}" for image in self.images]
-
-    def to_json(self) -> dict[str, object]:
-        return {
-            "dataset_id": self.dataset_id,
-            "create_time": self.create_time,
-            "images": [vars(image) for image in self.images],
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, object]) -> DatasetInfo:
-        images = tuple(DatasetImage(**image) for image in data["images"])  # type: ignore[attr-defined]
-        return cls(dataset_id=str(data["dataset_id"]), images=images, create_time=str(data["create_time"]))
-
-
-def dataset_name(dataset_id: str) -> str:
-    return f"{PREFIX}{dataset_id}"
-
-
-def parse_dataset_name(name: str, field: str) -> str:
-    """`datasets/{sha256}` -> the id; InvalidArgument naming `field` otherwise."""
-    if not name:
-        raise InvalidArgument(field, "is required (a dataset name from UploadImages, datasets/{sha256})")
-    dataset_id = name.removeprefix(PREFIX)
-    if dataset_id == name or not _DATASET_ID.match(dataset_id):
-        raise InvalidArgument(field, f"must be datasets/{{sha256}} as returned by UploadImages, got {name!r}")
-    return dataset_id
-
-
-def manifest_key(dataset_id: str) -> str:
-    return f"{PREFIX}{dataset_id}/manifest.json"
 
 
 class DatasetStore:
@@ -94,11 +31,7 @@ class DatasetStore:
         self.store = store
 
     def get(self, dataset_id: str) -> DatasetInfo:
-        try:
-            data = self.store.get_json(manifest_key(dataset_id))
-        except NotFound:
-            raise NotFound("dataset", f"dataset {dataset_name(dataset_id)!r} not found") from None
-        return DatasetInfo.from_json(data)
+        return read_dataset(self.store, dataset_id)
 
     def exists(self, dataset_id: str) -> bool:
         return self.store.exists(manifest_key(dataset_id))
@@ -111,21 +44,7 @@ class DatasetStore:
             return self.get(dataset_id)
         except NotFound:
             pass
-        images = []
-        for index, (png, digest) in enumerate(zip(normalised, digests, strict=True)):
-            path = f"images/{index:03d}.png"
-            self.store.put_bytes(f"{PREFIX}{dataset_id}/{path}", png)
-            width, height = _png_size(png)
-            images.append(DatasetImage(path=path, sha256=digest, size=len(png), width=width, height=height))
-        moment = now or datetime.datetime.now(datetime.timezone.utc)
-        info = DatasetInfo(dataset_id=dataset_id, images=tuple(images), create_time=moment.isoformat())
-        self.store.put_json(manifest_key(dataset_id), info.to_json())  # last: the dataset now exists
-        return info
-
-
-def _png_size(png: bytes) -> tuple[int, int]:
-    # The IHDR chunk always comes first: width and height are big-endian at bytes 16..24.
-    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+        return write_dataset(self.store, dataset_id, normalised, now=now)
 
 
 def normalise_image(data: bytes, index: int, max_pixels: int) -> bytes:

@@ -13,8 +13,8 @@ import grpc.aio
 from dreambooth.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.errors import InvalidArgument
-from services.trainer import convert
-from services.trainer.job_service import TrainerCore
+from services.trainer.api import convert
+from services.trainer.jobs.core import TrainerCore
 
 
 class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):

@@ -1,0 +1,58 @@
+"""The DreamBooth loss of one micro-batch (DESIGN §7)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from services.trainer.job_spec import JobSpec
+from services.trainer.worker.models import Models
+from services.trainer.worker.training_data import TrainingData
+
+
+def dreambooth_loss(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module,
+    models: Models,
+    batch_data: TrainingData,
+    spec: JobSpec,
+    generator: torch.Generator,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total, instance) loss of one micro-batch: instance and class examples in ONE forward."""
+    size = spec.train_batch_size
+    latents = batch_data.instance.sample(size, generator)
+    if batch_data.prior is not None:
+        latents = torch.cat([latents, batch_data.prior.sample(size, generator)])
+    latents = latents * models.vae.config.scaling_factor
+    noise = torch.randn(latents.shape, generator=generator).to(device)
+    timesteps = torch.randint(
+        0, models.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
+    ).to(device)
+    noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
+
+    if batch_data.instance_embeds is not None:
+        embeds = [batch_data.instance_embeds.expand(size, -1, -1)]
+        if batch_data.class_embeds is not None:
+            embeds.append(batch_data.class_embeds.expand(size, -1, -1))
+        encoder_states = torch.cat(embeds)
+    else:
+        ids = [batch_data.instance_ids.expand(size, -1)]
+        if batch_data.class_ids is not None:
+            ids.append(batch_data.class_ids.expand(size, -1))
+        encoder_states = text_encoder(torch.cat(ids).to(device))[0]
+
+    prediction = unet(noisy, timesteps, encoder_states).sample
+    if models.noise_scheduler.config.prediction_type == "v_prediction":
+        target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    if batch_data.prior is None:
+        loss = F.mse_loss(prediction.float(), target.float())
+        return loss, loss
+    # Prior preservation (Ray's template, diffusers): the batch is [instance; class] -> chunk(2).
+    prediction, prior_prediction = prediction.chunk(2)
+    target, prior_target = target.chunk(2)
+    instance_loss = F.mse_loss(prediction.float(), target.float())
+    prior_loss = F.mse_loss(prior_prediction.float(), prior_target.float())
+    return instance_loss + spec.prior_loss_weight * prior_loss, instance_loss
