@@ -1,62 +1,66 @@
-"""The training job's spec as plain Python: what the servicer builds from a TrainingJobSpec
-proto after validation (defaults resolved), what is stored in jobs/{id}/job.json, and what the
+"""The training job's spec as plain Python, derived from the one spec table
+(`dreambooth_client.training_spec.FIELDS`).
+
+`SpecRequest` is the spec as a client sent it (None = the field was not set); `JobSpec` is the
+validated spec with every default resolved: what is stored in jobs/{id}/job.json and what the
 training loop reads. Field names follow the proto so errors can name the field.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
-LrScheduleName = Literal["constant", "constant_with_warmup", "cosine", "linear"]
-MixedPrecisionName = Literal["no", "bf16", "fp16"]
+from dreambooth_client.training_spec import (
+    FIELDS,
+    FIELDS_BY_NAME,
+    LR_SCHEDULES,
+    MIXED_PRECISIONS,
+    SpecField,
+)
+
+__all__ = [
+    "FIELDS",
+    "FIELDS_BY_NAME",
+    "LR_SCHEDULES",
+    "MIXED_PRECISIONS",
+    "JobSpec",
+    "SpecField",
+    "SpecRequest",
+]
 
 
-@dataclass(frozen=True)
-class JobSpec:
-    base_model: str  # model id (not the "models/" resource name)
-    dataset: str  # dataset id: the sha256 (not the "datasets/" resource name)
-    instance_prompt: str
-    identifier_token: str = "sks"
-    class_prompt: str = ""
-    with_prior_preservation: bool = False
-    prior_loss_weight: float = 1.0
-    num_class_images: int = 100
-    max_train_steps: int = 400
-    learning_rate: float = 5e-6
-    train_text_encoder: bool = False
-    text_encoder_learning_rate: float = 5e-6
-    lr_schedule: LrScheduleName = "constant"
-    lr_warmup_steps: int = 0
-    resolution: int = 512
-    train_batch_size: int = 1
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    mixed_precision: MixedPrecisionName = "no"  # resolved: "no" on CPU, bf16 default on GPU
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    checkpointing_steps: int = 100
-    validation_prompts: tuple[str, ...] = field(default_factory=tuple)
-    validation_steps: int = 0
-    center_crop: bool = False
-    random_flip: bool = False
-    use_lora: bool = False
-    lora_rank: int = 4
-    num_workers: int = 1
-    use_gpu: bool = False
-    model_id: str = ""  # id of the published model; resolved to a non-empty id at creation
-    class_negative_prompt: str = ""
-    prior_steps: int = 30
+def _annotation(field: SpecField) -> Any:
+    return tuple[str, ...] if field.type is tuple else field.type
 
-    def to_json(self) -> dict[str, Any]:
-        data = dataclasses.asdict(self)
-        data["validation_prompts"] = list(self.validation_prompts)
-        return data
 
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> JobSpec:
-        known = {f.name for f in dataclasses.fields(cls)}
-        values = {k: v for k, v in data.items() if k in known}
-        values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
-        return cls(**values)
+def _to_json(self: Any) -> dict[str, Any]:
+    data = dataclasses.asdict(self)
+    data["validation_prompts"] = list(self.validation_prompts)
+    return data
+
+
+def _from_json(cls: type, data: dict[str, Any]) -> Any:
+    """Unknown keys are ignored and missing ones take their defaults: a job record written by an
+    older or newer trainer still loads."""
+    values = {field.name: data[field.name] for field in FIELDS if field.name in data}
+    values["validation_prompts"] = tuple(values.get("validation_prompts", ()))
+    return cls(**values)
+
+
+JobSpec = dataclasses.make_dataclass(
+    "JobSpec",
+    [(f.name, _annotation(f), dataclasses.field(default=f.default)) for f in FIELDS],
+    frozen=True,
+    namespace={"to_json": _to_json, "from_json": classmethod(_from_json)},
+)
+JobSpec.__module__ = __name__  # so pickling finds it here (make_dataclass takes `module` from 3.12)
+JobSpec.__doc__ = "A validated training spec; every field is resolved (see the spec table)."
+
+SpecRequest = dataclasses.make_dataclass(
+    "SpecRequest",
+    [(f.name, Any, dataclasses.field(default=None)) for f in FIELDS],
+    frozen=True,
+)
+SpecRequest.__module__ = __name__
+SpecRequest.__doc__ = "A TrainingJobSpec as the client sent it, free of protobuf. None = not set."

@@ -47,11 +47,21 @@ def test_a_spec_goes_to_proto_and_back_unchanged() -> None:
 
 def test_unset_enums_and_unknown_values() -> None:
     request = convert.spec_request_from_proto(trainer_pb2.TrainingJobSpec(lr_schedule=99))
-    assert request.lr_schedule == "unknown enum value 99" and request.mixed_precision == ""
-    # `optional` fields: unset means "use the default"; an explicit 0 is what the client sent.
-    assert request.max_train_steps is None
-    explicit = convert.spec_request_from_proto(trainer_pb2.TrainingJobSpec(max_train_steps=0))
-    assert explicit.max_train_steps == 0
+    assert request.lr_schedule == "unknown enum value 99" and request.mixed_precision is None
+    # Every field has presence: unset means "use the default"; an explicit zero is what was sent.
+    assert request.max_train_steps is None and request.prior_loss_weight is None
+    assert request.with_prior_preservation is None and request.identifier_token is None
+    explicit = convert.spec_request_from_proto(
+        trainer_pb2.TrainingJobSpec(
+            max_train_steps=0,
+            prior_loss_weight=0.0,
+            use_lora=False,
+            identifier_token="",
+            lr_schedule=trainer_pb2.LR_SCHEDULE_UNSPECIFIED,
+        )
+    )
+    assert (explicit.max_train_steps, explicit.prior_loss_weight, explicit.use_lora) == (0, 0.0, False)
+    assert explicit.identifier_token == "" and explicit.lr_schedule == "unspecified"
 
 
 def test_list_state_filter() -> None:

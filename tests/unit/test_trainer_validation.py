@@ -69,7 +69,7 @@ def test_defaults_are_resolved(env) -> None:
 
 def test_lora_and_gpu_defaults(env) -> None:
     assert validate(env, use_lora=True, learning_rate=None).learning_rate == 1e-4
-    assert validate(env, use_gpu=True, num_workers=2, lora_rank=0, use_lora=True).mixed_precision == "bf16"
+    assert validate(env, use_gpu=True, num_workers=2, use_lora=True).mixed_precision == "bf16"
     spec = validate(
         env, use_gpu=True, gpus=None, resolution=128, model_id="my-dog", validation_prompts=("sks dog",)
     )

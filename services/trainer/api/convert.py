@@ -5,67 +5,20 @@ from __future__ import annotations
 import datetime
 import io
 import math
-from collections.abc import Mapping
+import re
 from typing import Any
 
 from dreambooth.v1 import common_pb2, trainer_pb2
+from google.protobuf.descriptor import EnumDescriptor
 from google.protobuf.timestamp_pb2 import Timestamp
 from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.trainer.dataset_layout import DatasetInfo
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import FIELDS, JobSpec, SpecRequest
 from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
 from services.trainer.jobs.records import Job, JobState, Progress
-from services.trainer.jobs.validation import SpecRequest
 
-# Numeric spec fields; with proto3 `optional` an unset one is None (its default applies).
-_NUMERIC_FIELDS = (
-    "prior_loss_weight",
-    "num_class_images",
-    "max_train_steps",
-    "learning_rate",
-    "text_encoder_learning_rate",
-    "lr_warmup_steps",
-    "resolution",
-    "train_batch_size",
-    "gradient_accumulation_steps",
-    "max_grad_norm",
-    "seed",
-    "checkpointing_steps",
-    "validation_steps",
-    "lora_rank",
-    "num_workers",
-    "prior_steps",
-)
-_PLAIN_FIELDS = (
-    "base_model",
-    "dataset",
-    "instance_prompt",
-    "identifier_token",
-    "class_prompt",
-    "with_prior_preservation",
-    "train_text_encoder",
-    "gradient_checkpointing",
-    "center_crop",
-    "random_flip",
-    "use_lora",
-    "use_gpu",
-    "model_id",
-    "class_negative_prompt",
-)
-
-_LR_SCHEDULES = {
-    trainer_pb2.LR_SCHEDULE_CONSTANT: "constant",
-    trainer_pb2.LR_SCHEDULE_CONSTANT_WITH_WARMUP: "constant_with_warmup",
-    trainer_pb2.LR_SCHEDULE_COSINE: "cosine",
-    trainer_pb2.LR_SCHEDULE_LINEAR: "linear",
-}
-_MIXED_PRECISIONS = {
-    trainer_pb2.MIXED_PRECISION_NO: "no",
-    trainer_pb2.MIXED_PRECISION_BF16: "bf16",
-    trainer_pb2.MIXED_PRECISION_FP16: "fp16",
-}
 _STATES = {state: getattr(trainer_pb2, f"TRAINING_JOB_STATE_{state.value}") for state in JobState}
 _STATES_BY_PROTO = {value: state for state, value in _STATES.items()}
 
@@ -74,17 +27,23 @@ _STATES_BY_PROTO = {value: state for state, value in _STATES.items()}
 
 
 def spec_request_from_proto(spec: trainer_pb2.TrainingJobSpec) -> SpecRequest:
-    values: dict[str, object] = {name: getattr(spec, name) for name in _PLAIN_FIELDS}
-    for name in _NUMERIC_FIELDS:
-        descriptor = spec.DESCRIPTOR.fields_by_name[name]
-        value = getattr(spec, name) if not descriptor.has_presence or spec.HasField(name) else None
-        if isinstance(value, float):
+    """Every field of the table: None when the client did not set it (proto3 `optional`
+    presence), else what it sent; enum values by name ("unknown enum value 9" when not known)."""
+    values: dict[str, Any] = {}
+    for field in FIELDS:
+        descriptor = spec.DESCRIPTOR.fields_by_name[field.name]
+        if field.type is tuple:
+            values[field.name] = tuple(getattr(spec, field.name)) or None
+            continue
+        if not spec.HasField(field.name):
+            continue
+        value = getattr(spec, field.name)
+        if descriptor.enum_type is not None:
+            value = _enum_names(descriptor.enum_type).get(value, f"unknown enum value {value}")
+        elif isinstance(value, float):
             value = _from_float32(value)
-        values[name] = value
-    values["validation_prompts"] = tuple(spec.validation_prompts)
-    values["lr_schedule"] = _enum_name(spec.lr_schedule, _LR_SCHEDULES)
-    values["mixed_precision"] = _enum_name(spec.mixed_precision, _MIXED_PRECISIONS)
-    return SpecRequest(**values)  # type: ignore[arg-type]
+        values[field.name] = value
+    return SpecRequest(**values)
 
 
 def _from_float32(value: float) -> float:
@@ -92,10 +51,10 @@ def _from_float32(value: float) -> float:
     return float(f"{value:.7g}") if math.isfinite(value) else value
 
 
-def _enum_name(value: int, names: Mapping[Any, str]) -> str:
-    if value == 0:
-        return ""
-    return names.get(value, f"unknown enum value {value}")
+def _enum_names(enum: EnumDescriptor) -> dict[int, str]:
+    """Proto enum numbers -> the spec table's names: LR_SCHEDULE_COSINE -> "cosine"."""
+    prefix = re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+    return {value.number: value.name.removeprefix(prefix).lower() for value in enum.values}
 
 
 def state_from_proto(value: int, field: str = "state") -> JobState | None:
@@ -119,17 +78,20 @@ def timestamp(seconds: float | None) -> Timestamp | None:
 
 
 def spec_to_proto(spec: JobSpec) -> trainer_pb2.TrainingJobSpec:
-    lr_schedules = {name: value for value, name in _LR_SCHEDULES.items()}
-    precisions = {name: value for value, name in _MIXED_PRECISIONS.items()}
-    values = {name: getattr(spec, name) for name in (*_PLAIN_FIELDS, *_NUMERIC_FIELDS)}
-    values["base_model"] = f"models/{spec.base_model}"
-    values["dataset"] = f"datasets/{spec.dataset}"
-    return trainer_pb2.TrainingJobSpec(
-        **values,
-        validation_prompts=list(spec.validation_prompts),
-        lr_schedule=lr_schedules[spec.lr_schedule],
-        mixed_precision=precisions[spec.mixed_precision],
-    )
+    proto = trainer_pb2.TrainingJobSpec()
+    for field in FIELDS:
+        value = getattr(spec, field.name)
+        descriptor = proto.DESCRIPTOR.fields_by_name[field.name]
+        if field.type is tuple:
+            getattr(proto, field.name).extend(value)
+        elif descriptor.enum_type is not None:
+            numbers = {name: number for number, name in _enum_names(descriptor.enum_type).items()}
+            setattr(proto, field.name, numbers[value])
+        else:
+            setattr(proto, field.name, value)
+    proto.base_model = f"models/{spec.base_model}"
+    proto.dataset = f"datasets/{spec.dataset}"
+    return proto
 
 
 def progress_to_proto(progress: Progress) -> trainer_pb2.TrainingProgress:

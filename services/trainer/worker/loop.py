@@ -163,7 +163,8 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
             return
         for callback in job.step_callbacks:
             callback(done, runtime)
-        if done % spec.checkpointing_steps == 0 and done < spec.max_train_steps:
+        checkpoint_due = spec.checkpointing_steps and done % spec.checkpointing_steps == 0
+        if checkpoint_due and done < spec.max_train_steps:
             pointer = None
             if runtime.is_chief:
                 pointer = save_checkpoint(job, store, done, modules, optimizer, lr_scheduler, scaler, runtime)

@@ -25,7 +25,7 @@ from dreambooth.v1 import common_pb2, inference_pb2, trainer_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from dreambooth_client import formatting, messages
+from dreambooth_client import formatting, messages, training_spec
 from dreambooth_client.channels import (
     API_KEY_ENV,
     DEFAULT_INFERENCE,
@@ -40,8 +40,6 @@ from dreambooth_client.errors import DreamBoothError, JobFailedError
 SCHEDULERS = messages.enum_choices(common_pb2.Scheduler, "SCHEDULER_")
 FORMATS = messages.enum_choices(common_pb2.ImageFormat, "IMAGE_FORMAT_")
 STATES = messages.enum_choices(trainer_pb2.TrainingJobState, "TRAINING_JOB_STATE_")
-LR_SCHEDULES = messages.enum_choices(trainer_pb2.LrSchedule, "LR_SCHEDULE_")
-PRECISIONS = messages.enum_choices(trainer_pb2.MixedPrecision, "MIXED_PRECISION_")
 
 
 class UsageError(Exception):
@@ -101,50 +99,41 @@ def upload(client: DreamBoothClient, paths: Sequence[str], output: Output) -> tr
     return dataset
 
 
-SPEC_FLAGS: list[tuple[str, str, dict[str, Any]]] = [
-    # (flag, TrainingJobSpec field, argparse options); every default is None = the server's default
-    ("--identifier-token", "identifier_token", {"help": "rare token naming the subject (default sks)"}),
-    ("--class-prompt", "class_prompt", {"help": 'e.g. "a photo of dog"'}),
-    ("--prior-preservation", "with_prior_preservation", {"action": "store_true"}),
-    ("--prior-loss-weight", "prior_loss_weight", {"type": float}),
-    ("--num-class-images", "num_class_images", {"type": int}),
-    ("--class-negative-prompt", "class_negative_prompt", {}),
-    ("--prior-steps", "prior_steps", {"type": int, "help": "denoising steps per class image"}),
-    ("--steps", "max_train_steps", {"type": int, "help": "optimizer steps"}),
-    ("--lr", "learning_rate", {"type": float}),
-    ("--train-text-encoder", "train_text_encoder", {"action": "store_true"}),
-    ("--text-encoder-lr", "text_encoder_learning_rate", {"type": float}),
-    ("--lr-schedule", "lr_schedule", {"choices": LR_SCHEDULES}),
-    ("--warmup-steps", "lr_warmup_steps", {"type": int}),
-    ("--resolution", "resolution", {"type": int}),
-    ("--batch-size", "train_batch_size", {"type": int}),
-    ("--grad-accum", "gradient_accumulation_steps", {"type": int}),
-    ("--max-grad-norm", "max_grad_norm", {"type": float}),
-    ("--mixed-precision", "mixed_precision", {"choices": PRECISIONS}),
-    ("--gradient-checkpointing", "gradient_checkpointing", {"action": "store_true"}),
-    ("--seed", "seed", {"type": int}),
-    ("--checkpointing-steps", "checkpointing_steps", {"type": int}),
-    ("--validation-prompt", "validation_prompts", {"action": "append", "help": "repeatable"}),
-    ("--validation-steps", "validation_steps", {"type": int}),
-    ("--center-crop", "center_crop", {"action": "store_true"}),
-    ("--random-flip", "random_flip", {"action": "store_true"}),
-    ("--lora", "use_lora", {"action": "store_true", "help": "train a LoRA adapter"}),
-    ("--lora-rank", "lora_rank", {"type": int}),
-    ("--workers", "num_workers", {"type": int, "help": "Ray Train workers"}),
-    ("--gpu", "use_gpu", {"action": "store_true", "help": "one GPU per worker"}),
-    ("--model-id", "model_id", {"help": "id of the published model"}),
-]
+def add_spec_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per row of the spec table; every default is None = not sent = the server's."""
+    for field in training_spec.FIELDS:
+        options: dict[str, Any] = {"dest": field.name, "default": None, "help": _flag_help(field)}
+        if field.required:
+            options["required"] = True
+        if field.type is bool:
+            options["action"] = "store_true"
+        elif field.type is tuple:
+            options["action"] = "append"
+        elif field.choices:
+            options["choices"] = field.choices
+        else:
+            options["type"] = field.type
+            options["metavar"] = field.cli_flag.lstrip("-").upper().replace("-", "_")
+        parser.add_argument(field.cli_flag, **options)
+
+
+def _flag_help(field: training_spec.SpecField) -> str:
+    if field.required or field.type in (bool, tuple):
+        return field.help
+    shown = (repr(field.default) if field.default else "none") if field.type is str else f"{field.default:g}"
+    default = field.derived or shown
+    if field.default_for(use_lora=True) != field.default:
+        default += f"; {field.default_for(use_lora=True):g} with --lora"
+    return f"{field.help} (default: {default})".replace("%", "%%")
 
 
 def cmd_train(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
     dataset = args.dataset
     if not dataset.startswith("datasets/") and Path(dataset).exists():
         dataset = upload(client, [dataset], output).name  # a local folder: upload it first
-    fields = {field: getattr(args, field) for _, field, _ in SPEC_FLAGS}
+    fields = {field.name: getattr(args, field.name) for field in training_spec.FIELDS}
     try:
-        spec = messages.build_training_spec(
-            base_model=args.base_model, dataset=dataset, instance_prompt=args.instance_prompt, **fields
-        )
+        spec = messages.build_training_spec(**{**fields, "dataset": dataset})
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
     job = client.create_training_job(spec, request_id=args.request_id)
@@ -321,15 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload_p.set_defaults(handler=cmd_upload)
 
     train = commands.add_parser("train", help="create a training job")
-    train.add_argument("--base-model", required=True, help="e.g. tiny-sd or models/tiny-sd")
-    train.add_argument("--dataset", required=True, help="datasets/SHA256, or a local folder to upload first")
-    train.add_argument("--instance-prompt", required=True, help='e.g. "a photo of sks dog"')
-    for flag, field, options in SPEC_FLAGS:
-        if options.get("action") == "store_true":
-            options = {**options, "default": None}  # None = not given: the server's default
-        elif "choices" not in options:
-            options = {**options, "metavar": flag.lstrip("-").upper().replace("-", "_")}
-        train.add_argument(flag, dest=field, **options)
+    add_spec_flags(train)
     train.add_argument("--request-id", default=None, help="idempotency key (default: a fresh uuid)")
     train.add_argument("--wait", action="store_true", help="watch the job until it ends")
     train.add_argument("--previews", default=None, metavar="DIR", help="with --wait: save previews here")

@@ -17,6 +17,8 @@ from typing import Any, NamedTuple, Union
 
 from dreambooth.v1 import common_pb2, inference_pb2, trainer_pb2
 
+from dreambooth_client import training_spec
+
 CHUNK_SIZE = 1024 * 1024  # the servers' limit per UploadImages chunk
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 
@@ -31,11 +33,11 @@ TERMINAL_STATES = frozenset(
 )
 
 # Short names people type for the spec's longest fields (CLI flags use the same words).
+# The CLI flags' short names work as keys too (steps=, lr=, workers=, prior_preservation=, ...).
 SPEC_ALIASES = {
-    "steps": "max_train_steps",
-    "lr": "learning_rate",
-    "workers": "num_workers",
-    "prior_preservation": "with_prior_preservation",
+    field.cli_flag.lstrip("-").replace("-", "_"): field.name
+    for field in training_spec.FIELDS
+    if field.cli_flag.lstrip("-").replace("-", "_") != field.name
 }
 
 

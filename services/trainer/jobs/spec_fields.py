@@ -1,0 +1,87 @@
+"""Checking one spec field against its row of the spec table: type, choices, pattern, bounds
+(numbers, or the names of this server's SpecLimits), prompt length. Rules between fields are
+validation.py's."""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from services.common.errors import InvalidArgument
+from services.trainer.job_spec import SpecField
+from services.trainer.settings import SpecLimits
+
+
+def bound(value: float | str | None, limits: SpecLimits) -> float | None:
+    """A table bound: a number, or the name of a SpecLimits attribute."""
+    return getattr(limits, value) if isinstance(value, str) else value
+
+
+def check_field(field: SpecField, value: Any, limits: SpecLimits, use_lora: bool) -> Any:
+    """The field's resolved value: its default when unset (None for a field derived from
+    others), else the sent value once it passed the row's rules."""
+    name = f"spec.{field.name}"
+    if value is None:
+        return None if field.derived else field.default_for(use_lora)
+    if field.type is tuple:
+        return _check_prompt_list(field, name, tuple(value), limits)
+    if field.type is str:
+        return _check_text(field, name, str(value), limits)
+    if field.type is bool:
+        return bool(value)
+    return _check_number(field, name, value, limits)
+
+
+def _check_text(field: SpecField, name: str, value: str, limits: SpecLimits) -> str:
+    text = value.strip() if field.prompt else value
+    if field.choices and text not in field.choices:
+        raise InvalidArgument(name, f"must be one of {', '.join(field.choices)}, got {text!r}")
+    if field.required and not text:
+        raise InvalidArgument(name, f"is required: {field.help}")
+    if field.pattern and not re.fullmatch(field.pattern, text):
+        raise InvalidArgument(name, f"must be {field.help}, got {text!r}")
+    if field.prompt and len(text) > limits.max_prompt_chars:
+        raise InvalidArgument(name, f"is {len(text)} characters; the limit is {limits.max_prompt_chars}")
+    return text
+
+
+def _check_prompt_list(field: SpecField, name: str, values: tuple[Any, ...], limits: SpecLimits) -> tuple:
+    most = bound(field.high, limits)
+    if most is not None and len(values) > most:
+        raise InvalidArgument(name, f"at most {most:g} values, got {len(values)}")
+    checked = []
+    for index, value in enumerate(values):
+        text = str(value).strip()
+        if not text:
+            raise InvalidArgument(f"{name}[{index}]", "is required (an empty prompt)")
+        if len(text) > limits.max_prompt_chars:
+            raise InvalidArgument(
+                f"{name}[{index}]", f"is {len(text)} characters; the limit is {limits.max_prompt_chars}"
+            )
+        checked.append(text)
+    return tuple(checked)
+
+
+def _check_number(field: SpecField, name: str, value: Any, limits: SpecLimits) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgument(name, f"must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise InvalidArgument(name, f"must be a finite number, got {value}")
+    if field.type is int and value != int(value):
+        raise InvalidArgument(name, f"must be a whole number, got {value}")
+    low, high = bound(field.low, limits), bound(field.high, limits)
+    too_low = low is not None and (value <= low if field.low_exclusive else value < low)
+    if too_low or (high is not None and value > high):
+        raise InvalidArgument(name, f"must be {_range(low, high, field.low_exclusive)}, got {value:g}")
+    if field.multiple_of > 1 and value % field.multiple_of:
+        raise InvalidArgument(name, f"must be a multiple of {field.multiple_of}, got {value:g}")
+    return field.type(value)
+
+
+def _range(low: float | None, high: float | None, exclusive: bool) -> str:
+    if low is not None and high is not None:
+        return f"greater than {low:g} and at most {high:g}" if exclusive else f"between {low:g} and {high:g}"
+    if low is not None:
+        return f"greater than {low:g}" if exclusive else f"at least {low:g}"
+    return f"at most {high:g}"
