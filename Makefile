@@ -46,7 +46,7 @@ proto: setup
 	$(PY) tools/gen_protos.py
 
 demo: setup
-	$(PY) -m services.demo
+	$(PY) -m demo
 
 # The three services on this machine (store under ./data, local Ray); Ctrl-C stops them.
 up: setup
