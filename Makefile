@@ -1,4 +1,4 @@
-# One entry point for people and CI. `make test` and `make demo` set everything up themselves.
+# One entry point for people and CI. `make test`, `make demo` and `make up` set everything up themselves.
 VENV      ?= .venv
 PY        := $(VENV)/bin/python
 STAMP     := $(VENV)/.setup-stamp
@@ -7,7 +7,7 @@ CLIP_BPE  := $(SHARE)/bpe_simple_vocab_16e6.txt.gz
 OPEN_CLIP := open_clip_torch==3.3.0
 BUF       := npx -y @bufbuild/buf@1.75.0
 
-.PHONY: setup tools test test-slow lint proto demo bench clean-venv
+.PHONY: setup tools test test-slow lint proto demo up bench clean-venv
 
 setup: $(STAMP)
 
@@ -46,7 +46,11 @@ proto: setup
 	$(PY) tools/gen_protos.py
 
 demo: setup
-	$(PY) -m services.demo
+	$(PY) -m demo
+
+# The three services on this machine (store under ./data, local Ray); Ctrl-C stops them.
+up: setup
+	$(PY) -m services.cli up
 
 bench: setup
 	$(PY) bench/inference.py

@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "inference": ("services.inference.main", "run the inference gRPC service"),
     "priorgen": ("services.priorgen.main", "run the prior-generation gRPC service"),
     "trainer": ("services.trainer.main", "run the trainer gRPC service"),
+    "up": ("services.launcher.up", "run all three services on one machine (local store, local Ray)"),
 }
 
 

@@ -1,4 +1,4 @@
-"""`python -m services.demo` end to end, shortened: services as subprocesses, the SDK, real training."""
+"""`python -m demo` end to end, shortened: services as subprocesses, the SDK, real training."""
 
 from __future__ import annotations
 
@@ -10,13 +10,15 @@ from pathlib import Path
 
 import pytest
 
+REPO_ROOT = Path(__file__).resolve().parents[2]  # `demo` is a top-level package there
+
 
 @pytest.mark.slow
 def test_demo_runs_the_whole_flow_and_stops_its_services(tmp_path: Path) -> None:
     out, store = tmp_path / "out", tmp_path / "store"
-    command = [sys.executable, "-m", "services.demo", "--out", str(out), "--store", str(store)]
+    command = [sys.executable, "-m", "demo", "--out", str(out), "--store", str(store)]
     command += ["--steps", "10", "--photos", "3", "--class-images", "2", "--images", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, check=False)
+    done = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=900, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "=== DreamBooth demo: done ===" in done.stdout
     assert re.search(r"state +trainingJobs/\w+ +SUCCEEDED +model models/", done.stdout)
