@@ -1,46 +1,23 @@
-"""Load a diffusers Stable Diffusion folder the one way every service does, and pick schedulers.
+"""Load a diffusers Stable Diffusion folder the one way every service does.
 
 fp32 on CPU by default, safetensors only (never pickle), no safety checker, no progress bars,
-no network: the folder is local (materialised by the model store).
+no network: the folder is local (materialised by the model store). Schedulers:
+services/common/schedulers.py.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreambooth_client.vocabulary import DEFAULT_SCHEDULER
+
+from services.common.errors import FailedPrecondition, NotFound
+from services.common.schedulers import make_scheduler
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
-    from diffusers.schedulers.scheduling_utils import SchedulerMixin
-
-SCHEDULER_NAMES = ("ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "pndm", "ddpm")
-
-
-def make_scheduler(name: str, base_config: Mapping[str, Any], field: str = "scheduler") -> SchedulerMixin:
-    """A scheduler of kind `name` with the noise schedule of `base_config` (the model's own)."""
-    import diffusers
-
-    classes: dict[str, tuple[type, dict[str, Any]]] = {
-        "ddim": (diffusers.DDIMScheduler, {}),
-        "euler": (diffusers.EulerDiscreteScheduler, {}),
-        "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
-        "dpmpp_2m_karras": (
-            diffusers.DPMSolverMultistepScheduler,
-            {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2},
-        ),
-        "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
-        "ddpm": (diffusers.DDPMScheduler, {}),
-    }
-    if name not in classes:
-        raise InvalidArgument(
-            field, f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}"
-        )
-    cls, overrides = classes[name]
-    return cls.from_config(dict(base_config), **overrides)
 
 
 def disable_progress_bars() -> None:
@@ -54,7 +31,7 @@ def disable_progress_bars() -> None:
 
 def load_pipeline(
     folder: Path,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline:

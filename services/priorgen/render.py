@@ -13,8 +13,8 @@ slot-dependent in batches of 3 and 5).
 
 So every denoising call carries exactly `width` slots (the compute width, part of the set's
 key); a batch of `batch_size <= width` images fills the first slots, the rest are padding.
-Image i starts from latents drawn from its own generator seeded seed + i (which the scheduler
-also draws from), so its bytes are the same whichever batch, slot, run or worker makes it.
+Image i starts from latents drawn from its own generator seeded `spec.image_seed(i)` (which the
+scheduler also draws from), so its bytes are the same whichever batch, slot, run or worker makes it.
 The images are the plain diffusers pipeline's for the same seeds, up to float rounding.
 """
 
@@ -29,7 +29,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import Unavailable
-from services.common.pipelines import make_scheduler
+from services.common.schedulers import make_scheduler
 from services.priorgen.request import PriorSpec
 
 if TYPE_CHECKING:

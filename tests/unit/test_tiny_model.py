@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dreambooth_client.vocabulary import SCHEDULER_NAMES
 
 from services.common import tiny_model_cli
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.pipelines import SCHEDULER_NAMES, load_pipeline, make_scheduler
+from services.common.pipelines import load_pipeline
+from services.common.schedulers import make_scheduler
 from services.common.tiny_model import build_tiny_model, generic_images
 
 
