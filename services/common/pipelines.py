@@ -1,14 +1,17 @@
-"""Load a diffusers Stable Diffusion folder the one way every service does.
+"""Build and load Stable Diffusion pipelines the one way every service does.
 
-fp32 on CPU by default, safetensors only (never pickle), no safety checker, no progress bars,
-no network: the folder is local (materialised by the model store). Schedulers:
-services/common/schedulers.py.
+`assemble_pipeline` puts loaded components together; `load_pipeline` loads a local diffusers
+folder and assembles it the same way. Always: no safety checker (nor its feature extractor), no
+progress bars. Loading: fp32 on CPU by default, safetensors only (never pickle), no network (the
+folder is local, materialised by the model store). Schedulers: services/common/schedulers.py.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
 
 from dreambooth_client.vocabulary import DEFAULT_SCHEDULER
 
@@ -18,6 +21,12 @@ from services.common.schedulers import make_scheduler
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
+    from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+# The services return raw samples; without requires_safety_checker=False diffusers warns on every build.
+_NO_SAFETY_CHECKER: Mapping[str, Any] = MappingProxyType(
+    {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+)
 
 
 def disable_progress_bars() -> None:
@@ -27,6 +36,24 @@ def disable_progress_bars() -> None:
 
     diffusers_logging.disable_progress_bar()
     transformers_logging.disable_progress_bar()
+
+
+def assemble_pipeline(
+    *, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: SchedulerMixin
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over these modules (shared, not copied), quiet, unfiltered."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        **_NO_SAFETY_CHECKER,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def load_pipeline(
@@ -44,17 +71,20 @@ def load_pipeline(
         raise NotFound(str(folder), f"{folder} is not a diffusers model folder (no model_index.json)")
     disable_progress_bars()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        loaded = StableDiffusionPipeline.from_pretrained(
             str(folder),
             dtype=dtype or torch.float32,
             use_safetensors=True,  # refuse pickle weights even if a folder carries them
             local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **_NO_SAFETY_CHECKER,  # a safety checker the folder lists is not even loaded
         )
     except (OSError, ValueError) as err:  # missing safetensors, broken configs
         raise FailedPrecondition(f"cannot load the model in {folder}: {err}") from err
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(
+        vae=loaded.vae,
+        text_encoder=loaded.text_encoder,
+        tokenizer=loaded.tokenizer,
+        unet=loaded.unet,
+        scheduler=make_scheduler(scheduler, loaded.scheduler.config),
+    )
     return pipe.to(device)
