@@ -10,36 +10,41 @@ from __future__ import annotations
 
 import io
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
+from dreambooth_client.vocabulary import DEFAULT_IMAGE_FORMAT
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from services.common.errors import InvalidArgument
 
-ENCODE_FORMATS = ("png", "jpeg", "webp")
+# How each ImageFormat of the vocabulary is written: (PIL format, save options, takes `quality`).
+# A format added to the proto needs an entry here (tests/unit/test_vocabulary.py checks).
+ENCODERS: Mapping[str, tuple[str, Mapping[str, Any], bool]] = {
+    "png": ("PNG", {"optimize": False, "compress_level": 6}, False),  # no metadata chunks
+    "jpeg": ("JPEG", {"optimize": False, "progressive": False}, True),
+    "webp": ("WEBP", {"method": 4, "exact": False}, True),
+}
+ENCODE_FORMATS = tuple(ENCODERS)
 # What people upload (the JPEG opener also yields MPO, how Pillow names many phone JPEGs).
 # Every other container is refused without being parsed.
 DECODE_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "GIF")
-_PIL_FORMAT = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def encode_image(
-    image: Image.Image, fmt: str = "png", quality: int = 90, field: str = "output_format"
+    image: Image.Image, fmt: str = DEFAULT_IMAGE_FORMAT, quality: int = 90, field: str = "output_format"
 ) -> bytes:
-    """RGB bytes in `fmt` (png | jpeg | webp); same image and arguments => same bytes."""
-    if fmt not in _PIL_FORMAT:
+    """RGB bytes in `fmt` (a vocabulary image format); same image and arguments => same bytes."""
+    if fmt not in ENCODERS:
         raise InvalidArgument(
             field, f"unsupported image format {fmt!r}; expected one of {', '.join(ENCODE_FORMATS)}"
         )
     if not 1 <= quality <= 100:
         raise InvalidArgument("quality", f"must be between 1 and 100, got {quality}")
+    pil_format, options, lossy = ENCODERS[fmt]
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     out = io.BytesIO()
-    if fmt == "png":
-        rgb.save(out, format="PNG", optimize=False, compress_level=6)  # no metadata chunks
-    elif fmt == "jpeg":
-        rgb.save(out, format="JPEG", quality=quality, optimize=False, progressive=False)
-    else:
-        rgb.save(out, format="WEBP", quality=quality, method=4, exact=False)
+    rgb.save(out, format=pil_format, **options, **({"quality": quality} if lossy else {}))
     return out.getvalue()
 
 

@@ -1,46 +1,32 @@
-"""Load a diffusers Stable Diffusion folder the one way every service does, and pick schedulers.
+"""Build and load Stable Diffusion pipelines the one way every service does.
 
-fp32 on CPU by default, safetensors only (never pickle), no safety checker, no progress bars,
-no network: the folder is local (materialised by the model store).
+`assemble_pipeline` puts loaded components together; `load_pipeline` loads a local diffusers
+folder and assembles it the same way. Always: no safety checker (nor its feature extractor), no
+progress bars. Loading: fp32 on CPU by default, safetensors only (never pickle), no network (the
+folder is local, materialised by the model store). Schedulers: services/common/schedulers.py.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
+from dreambooth_client.vocabulary import DEFAULT_SCHEDULER
+
+from services.common.errors import FailedPrecondition, NotFound
+from services.common.schedulers import make_scheduler
 
 if TYPE_CHECKING:
     import torch
     from diffusers import StableDiffusionPipeline
     from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-SCHEDULER_NAMES = ("ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "pndm", "ddpm")
-
-
-def make_scheduler(name: str, base_config: Mapping[str, Any], field: str = "scheduler") -> SchedulerMixin:
-    """A scheduler of kind `name` with the noise schedule of `base_config` (the model's own)."""
-    import diffusers
-
-    classes: dict[str, tuple[type, dict[str, Any]]] = {
-        "ddim": (diffusers.DDIMScheduler, {}),
-        "euler": (diffusers.EulerDiscreteScheduler, {}),
-        "euler_ancestral": (diffusers.EulerAncestralDiscreteScheduler, {}),
-        "dpmpp_2m_karras": (
-            diffusers.DPMSolverMultistepScheduler,
-            {"use_karras_sigmas": True, "algorithm_type": "dpmsolver++", "solver_order": 2},
-        ),
-        "pndm": (diffusers.PNDMScheduler, {"skip_prk_steps": True}),
-        "ddpm": (diffusers.DDPMScheduler, {}),
-    }
-    if name not in classes:
-        raise InvalidArgument(
-            field, f"unknown scheduler {name!r}; expected one of {', '.join(SCHEDULER_NAMES)}"
-        )
-    cls, overrides = classes[name]
-    return cls.from_config(dict(base_config), **overrides)
+# The services return raw samples; without requires_safety_checker=False diffusers warns on every build.
+_NO_SAFETY_CHECKER: Mapping[str, Any] = MappingProxyType(
+    {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+)
 
 
 def disable_progress_bars() -> None:
@@ -52,9 +38,27 @@ def disable_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+def assemble_pipeline(
+    *, vae: Any, text_encoder: Any, tokenizer: Any, unet: Any, scheduler: SchedulerMixin
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline over these modules (shared, not copied), quiet, unfiltered."""
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        **_NO_SAFETY_CHECKER,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def load_pipeline(
     folder: Path,
-    scheduler: str = "ddim",
+    scheduler: str = DEFAULT_SCHEDULER,
     device: str | torch.device = "cpu",
     dtype: torch.dtype | None = None,
 ) -> StableDiffusionPipeline:
@@ -67,17 +71,20 @@ def load_pipeline(
         raise NotFound(str(folder), f"{folder} is not a diffusers model folder (no model_index.json)")
     disable_progress_bars()
     try:
-        pipe = StableDiffusionPipeline.from_pretrained(
+        loaded = StableDiffusionPipeline.from_pretrained(
             str(folder),
             dtype=dtype or torch.float32,
             use_safetensors=True,  # refuse pickle weights even if a folder carries them
             local_files_only=True,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
+            **_NO_SAFETY_CHECKER,  # a safety checker the folder lists is not even loaded
         )
     except (OSError, ValueError) as err:  # missing safetensors, broken configs
         raise FailedPrecondition(f"cannot load the model in {folder}: {err}") from err
-    pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = assemble_pipeline(
+        vae=loaded.vae,
+        text_encoder=loaded.text_encoder,
+        tokenizer=loaded.tokenizer,
+        unet=loaded.unet,
+        scheduler=make_scheduler(scheduler, loaded.scheduler.config),
+    )
     return pipe.to(device)

@@ -64,23 +64,20 @@ def build_tiny_model(out_dir: Path, seed: int = 0) -> Path:
 
 
 def _write_pipeline(folder: Path, seed: int) -> None:
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
-    from services.common.pipelines import disable_progress_bars
+    from services.common.pipelines import assemble_pipeline, disable_progress_bars
 
     disable_progress_bars()
 
     write_clip_tokenizer(folder / "tokenizer")
-    pipe = StableDiffusionPipeline(
+    pipe = assemble_pipeline(
         vae=_make_vae(seed),
         text_encoder=_make_text_encoder(seed + 1),
         tokenizer=CLIPTokenizer.from_pretrained(str(folder / "tokenizer")),
         unet=_make_unet(seed + 2),
         scheduler=DDIMScheduler(**SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     # Save everything but the tokenizer, whose files we wrote ourselves (transformers would add
     # a tokenizer.json with its own formatting); model_index.json still lists it.

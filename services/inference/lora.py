@@ -13,6 +13,7 @@ from typing import Any
 
 from services.common.batch_invariance import share_time_embedding_rows
 from services.common.errors import FailedPrecondition
+from services.common.pipelines import assemble_pipeline
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LORA_COMPONENTS = ("unet", "text_encoder")
@@ -37,18 +38,15 @@ def lora_targets(lora_folder: Path) -> tuple[str, ...]:
 
 def fuse_lora_copies(modules: dict[str, Any], lora_folder: Path, targets: tuple[str, ...]) -> dict[str, Any]:
     """Copies of the `targets` modules with the adapters fused in; the originals stay untouched."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     copies = {name: copy.deepcopy(modules[name]) for name in targets}
-    staging = StableDiffusionPipeline(
+    staging = assemble_pipeline(
         vae=modules["vae"],
         text_encoder=copies.get("text_encoder", modules["text_encoder"]),
         tokenizer=modules["tokenizer"],
         unet=copies.get("unet", modules["unet"]),
         scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),  # unused: only loads adapters
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
     )
     staging.load_lora_weights(str(lora_folder), weight_name=LORA_WEIGHTS_FILE, adapter_name="model")
     staging.fuse_lora(components=list(targets), lora_scale=1.0)

@@ -20,9 +20,12 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dreambooth_client.vocabulary import DEFAULT_SCHEDULER
+
 from services.common.batch_invariance import share_time_embedding_rows
 from services.common.model_store import ModelManifest, ModelStore
-from services.common.pipelines import disable_progress_bars, make_scheduler
+from services.common.pipelines import assemble_pipeline, disable_progress_bars
+from services.common.schedulers import make_scheduler
 from services.inference.lora import fuse_lora_copies, lora_targets
 from services.inference.metrics import CacheMetrics
 from services.inference.model_specs import ModelSpec
@@ -318,17 +321,11 @@ def _load_scheduler_config(folder: Path) -> dict[str, Any]:
 
 
 def _assemble(modules: dict[str, Any], scheduler_config: dict[str, Any]) -> StableDiffusionPipeline:
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
+    # The scheduler is a placeholder: the sampler makes one per request, of the request's kind.
+    return assemble_pipeline(
         vae=modules["vae"],
         text_encoder=modules["text_encoder"],
         tokenizer=modules["tokenizer"],
         unet=modules["unet"],
-        scheduler=make_scheduler("ddim", scheduler_config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler=make_scheduler(DEFAULT_SCHEDULER, scheduler_config),
     )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline

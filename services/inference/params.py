@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from dreambooth_client import vocabulary
+
 
 @dataclasses.dataclass(frozen=True)
 class GenerateParams:
@@ -20,10 +22,10 @@ class GenerateParams:
     height: int = 0  # 0 = the model's default
     steps: int = 0  # 0 = 30
     guidance_scale: float = 0.0  # 0 = 7.5; 1 = no classifier-free guidance
-    scheduler: str = "ddim"
-    seed: int | None = None  # None = random (returned with each image)
+    scheduler: str = vocabulary.DEFAULT_SCHEDULER
+    seed: int | None = None  # None = random (returned with each image); image i: vocabulary.image_seed
     preview_interval: int = 0  # 0 = no previews
-    output_format: str = "png"
+    output_format: str = vocabulary.DEFAULT_IMAGE_FORMAT
     truncate_prompt: bool = False
 
     @property
@@ -35,7 +37,7 @@ class GenerateParams:
 @dataclasses.dataclass(frozen=True)
 class EncodedImage:
     data: bytes
-    format: str  # png | jpeg | webp
+    format: str  # a vocabulary image format name
     width: int
     height: int
 
@@ -61,7 +63,7 @@ class Preview:
 class FinalImage:
     index: int
     image: EncodedImage
-    seed: int  # reproduces exactly this image (as image 0 of a request)
+    seed: int  # reproduces exactly this image (as image 0 of a request): image_seed(seed, index)
 
 
 GenerateEvent = Progress | Preview | FinalImage

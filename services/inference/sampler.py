@@ -3,7 +3,8 @@
 Written over the diffusers components rather than `pipe(...)` so requests can share UNet calls,
 and so each request's result is exactly what it gets alone (DESIGN §8):
 1. Prompts are encoded one text at a time (batch 1), as a solo run does.
-2. Image i of a request starts from noise drawn by its own generator seeded `seed + i`.
+2. Image i of a request starts from noise drawn by its own generator seeded `image_seed(seed, i)`
+   (seed + i, wrapping at 2**32: the vocabulary's one rule for every service).
 3. Each request has its own scheduler (state such as step index and multistep history is per
    request), so a cancelled request's rows can leave the batch at any step.
 4. One UNet call per step over every image of every request, conditional and unconditional rows
@@ -24,10 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from dreambooth_client.vocabulary import PREVIEW_IMAGE_FORMAT, image_seed
 from PIL import Image
 
 from services.common.images import encode_image
-from services.common.pipelines import make_scheduler
+from services.common.schedulers import make_scheduler
 from services.inference.job import Job
 from services.inference.metrics import InferenceMetrics
 from services.inference.model_cache import LoadedModel
@@ -98,7 +100,8 @@ class Sampler:
         scheduler.set_timesteps(params.steps, device=unet.device)
         scale = 2 ** (len(vae.config.block_out_channels) - 1)
         shape = (1, unet.config.in_channels, params.height // scale, params.width // scale)
-        generators = [torch.Generator("cpu").manual_seed(params.seed + i) for i in range(params.num_images)]
+        seeds = [image_seed(params.seed, i) for i in range(params.num_images)]
+        generators = [torch.Generator("cpu").manual_seed(seed) for seed in seeds]
         noise = [torch.randn(shape, generator=g, device="cpu", dtype=unet.dtype) for g in generators]
         latents = torch.cat(noise).to(unet.device) * scheduler.init_noise_sigma
         n = params.num_images
@@ -161,8 +164,8 @@ class Sampler:
         for index, pixels in enumerate(_decode(model, source)):
             image = Image.fromarray(pixels)
             image.thumbnail((self._preview_max_size, self._preview_max_size))
-            data = encode_image(image, "jpeg", quality=PREVIEW_QUALITY)
-            encoded = EncodedImage(data, "jpeg", image.width, image.height)
+            data = encode_image(image, PREVIEW_IMAGE_FORMAT, quality=PREVIEW_QUALITY)
+            encoded = EncodedImage(data, PREVIEW_IMAGE_FORMAT, image.width, image.height)
             request.job.emit(Preview(step=step, index=index, image=encoded))
 
     def _send_images(self, model: LoadedModel, request: _Request) -> None:
@@ -171,7 +174,7 @@ class Sampler:
         for index, pixels in enumerate(_decode(model, request.latents)):
             data = encode_image(Image.fromarray(pixels), params.output_format)
             encoded = EncodedImage(data, params.output_format, pixels.shape[1], pixels.shape[0])
-            request.job.emit(FinalImage(index=index, image=encoded, seed=params.seed + index))
+            request.job.emit(FinalImage(index=index, image=encoded, seed=image_seed(params.seed, index)))
             if self._metrics is not None:
                 self._metrics.images_generated.inc()
 
@@ -180,7 +183,7 @@ def _decode(model: LoadedModel, latents: torch.Tensor) -> list[np.ndarray]:
     """uint8 (H, W, 3) images, post-processed as diffusers' VaeImageProcessor does.
 
     One image per VAE call: the decoder's kernels differ with the batch size (measured), and
-    image i of a request must equal image 0 of a request seeded `seed + i`.
+    image i of a request must equal image 0 of a request seeded `image_seed(seed, i)`.
     """
     vae = model.vae
     decoded = []

@@ -12,10 +12,11 @@ from collections.abc import AsyncIterator
 
 import grpc
 from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc
+from dreambooth_client import vocabulary
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from services.common.errors import InvalidArgument
 from services.common.model_store import ModelManifest, parse_model_name
+from services.common.request_checks import image_format_from_proto, scheduler_from_proto
 from services.inference.core import InferenceCore
 from services.inference.params import (
     EncodedImage,
@@ -28,25 +29,6 @@ from services.inference.params import (
 
 SERVICE_NAME = "dreambooth.v1.InferenceService"
 
-SCHEDULERS = {
-    common_pb2.SCHEDULER_UNSPECIFIED: "ddim",
-    common_pb2.SCHEDULER_DDIM: "ddim",
-    common_pb2.SCHEDULER_EULER: "euler",
-    common_pb2.SCHEDULER_EULER_ANCESTRAL: "euler_ancestral",
-    common_pb2.SCHEDULER_DPMPP_2M_KARRAS: "dpmpp_2m_karras",
-    common_pb2.SCHEDULER_PNDM: "pndm",
-}
-OUTPUT_FORMATS = {
-    common_pb2.IMAGE_FORMAT_UNSPECIFIED: "png",
-    common_pb2.IMAGE_FORMAT_PNG: "png",
-    common_pb2.IMAGE_FORMAT_JPEG: "jpeg",
-    common_pb2.IMAGE_FORMAT_WEBP: "webp",
-}
-FORMAT_ENUMS = {
-    "png": common_pb2.IMAGE_FORMAT_PNG,
-    "jpeg": common_pb2.IMAGE_FORMAT_JPEG,
-    "webp": common_pb2.IMAGE_FORMAT_WEBP,
-}
 MODEL_KINDS = {
     "base": common_pb2.MODEL_KIND_BASE,
     "fine_tuned": common_pb2.MODEL_KIND_FINE_TUNED,
@@ -83,10 +65,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
 
 
 def generate_params(request: inference_pb2.GenerateRequest) -> GenerateParams:
-    if request.scheduler not in SCHEDULERS:
-        raise InvalidArgument("scheduler", f"unknown scheduler value {request.scheduler}")
-    if request.output_format not in OUTPUT_FORMATS:
-        raise InvalidArgument("output_format", f"unknown image format value {request.output_format}")
+    scheduler = scheduler_from_proto(request.scheduler)
+    output_format = image_format_from_proto(request.output_format)
     return GenerateParams(
         model_id=parse_model_name(request.model, "model"),
         prompt=request.prompt,
@@ -96,10 +76,10 @@ def generate_params(request: inference_pb2.GenerateRequest) -> GenerateParams:
         height=request.height,
         steps=request.steps,
         guidance_scale=request.guidance_scale,
-        scheduler=SCHEDULERS[request.scheduler],
+        scheduler=scheduler,
         seed=request.seed if request.HasField("seed") else None,
         preview_interval=request.preview_interval,
-        output_format=OUTPUT_FORMATS[request.output_format],
+        output_format=output_format,
         truncate_prompt=request.truncate_prompt,
     )
 
@@ -123,7 +103,10 @@ def generate_response(event: GenerateEvent) -> inference_pb2.GenerateResponse:
 
 def image_proto(image: EncodedImage) -> common_pb2.Image:
     return common_pb2.Image(
-        data=image.data, format=FORMAT_ENUMS[image.format], width=image.width, height=image.height
+        data=image.data,
+        format=vocabulary.image_format_value(image.format),
+        width=image.width,
+        height=image.height,
     )
 
 

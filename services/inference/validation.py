@@ -8,24 +8,20 @@ it fits the text encoder. Every failure is an InvalidArgument naming the proto f
 from __future__ import annotations
 
 import dataclasses
-import math
 import secrets
 from collections.abc import Callable
 
+from dreambooth_client import vocabulary
+
 from services.common.errors import InvalidArgument
+from services.common.request_checks import check_guidance, check_image_format, check_scheduler, check_seed
 from services.inference.params import GenerateParams
 
 MAX_IMAGES = 8
 MAX_STEPS = 150
-MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 30.0
 MIN_SIZE = 64
 SIZE_MULTIPLE = 8
 DEFAULT_STEPS = 30
-DEFAULT_GUIDANCE = 7.5
-SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "pndm")
-OUTPUT_FORMATS = ("png", "jpeg", "webp")
-MAX_SEED = 2**63 - 1  # int64 on the wire; image i uses seed + i
-RANDOM_SEED_BOUND = 2**32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,28 +41,13 @@ def check_request(params: GenerateParams, limits: RequestLimits) -> GeneratePara
     steps = params.steps or DEFAULT_STEPS
     if not 1 <= steps <= MAX_STEPS:
         raise InvalidArgument("steps", f"must be between 1 and {MAX_STEPS}, got {params.steps}")
-    guidance = params.guidance_scale or DEFAULT_GUIDANCE
-    if not math.isfinite(guidance) or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
-        raise InvalidArgument(
-            "guidance_scale",
-            f"must be between {MIN_GUIDANCE:g} and {MAX_GUIDANCE:g} (1 disables guidance), "
-            f"got {params.guidance_scale}",
-        )
-    if params.scheduler not in SCHEDULERS:
-        raise InvalidArgument(
-            "scheduler", f"unknown scheduler {params.scheduler!r}; expected one of {', '.join(SCHEDULERS)}"
-        )
-    if params.output_format not in OUTPUT_FORMATS:
-        raise InvalidArgument(
-            "output_format",
-            f"unknown format {params.output_format!r}; expected one of {', '.join(OUTPUT_FORMATS)}",
-        )
+    guidance = check_guidance(params.guidance_scale or vocabulary.DEFAULT_GUIDANCE)
+    check_scheduler(params.scheduler)
+    check_image_format(params.output_format)
     if params.preview_interval < 0:
         raise InvalidArgument("preview_interval", f"must be >= 0, got {params.preview_interval}")
-    if params.seed is not None and not 0 <= params.seed <= MAX_SEED - (num_images - 1):
-        raise InvalidArgument(
-            "seed", f"must be between 0 and {MAX_SEED - (num_images - 1)} for {num_images} images"
-        )
+    if params.seed is not None:
+        check_seed(params.seed)  # any seed in range, for any count: image seeds wrap
     if not params.prompt.strip():
         raise InvalidArgument("prompt", "must not be empty")
     for field in ("prompt", "negative_prompt"):
@@ -121,4 +102,4 @@ def with_seed(params: GenerateParams) -> GenerateParams:
     """The request with its seed set: a random one when the client left it unset."""
     if params.seed is not None:
         return params
-    return dataclasses.replace(params, seed=secrets.randbelow(RANDOM_SEED_BOUND))
+    return dataclasses.replace(params, seed=secrets.randbelow(vocabulary.SEED_MODULUS))

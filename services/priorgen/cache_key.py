@@ -9,6 +9,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from typing import Any
+
+from dreambooth_client import vocabulary
 
 from services.priorgen.request import PriorSpec
 
@@ -28,12 +31,16 @@ def prior_key(model_digest: str, spec: PriorSpec, compute_width: int) -> str:
     """
     inputs = spec.to_json()
     inputs.pop("model_id")
-    payload = {
+    payload: dict[str, Any] = {
         "format": KEY_FORMAT,
         "model_digest": model_digest,
         "compute_width": compute_width,
         "inputs": inputs,
     }
+    if spec.seed + spec.num_images > vocabulary.SEED_MODULUS:
+        # Image seeds wrap at 2**32 now; they went on past it when key format 1 was defined. Only
+        # the sets whose seeds wrap changed their images: they alone get new keys.
+        payload["seed_modulus"] = vocabulary.SEED_MODULUS
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -13,8 +13,8 @@ slot-dependent in batches of 3 and 5).
 
 So every denoising call carries exactly `width` slots (the compute width, part of the set's
 key); a batch of `batch_size <= width` images fills the first slots, the rest are padding.
-Image i starts from latents drawn from its own generator seeded seed + i (which the scheduler
-also draws from), so its bytes are the same whichever batch, slot, run or worker makes it.
+Image i starts from latents drawn from its own generator seeded `spec.image_seed(i)` (which the
+scheduler also draws from), so its bytes are the same whichever batch, slot, run or worker makes it.
 The images are the plain diffusers pipeline's for the same seeds, up to float rounding.
 """
 
@@ -29,7 +29,8 @@ import numpy as np
 from PIL import Image
 
 from services.common.errors import Unavailable
-from services.common.pipelines import make_scheduler
+from services.common.pipelines import assemble_pipeline
+from services.common.schedulers import make_scheduler
 from services.priorgen.request import PriorSpec
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ class SetRenderer:
     def __init__(
         self, pipe: StableDiffusionPipeline, spec: PriorSpec, width: int, stop: threading.Event
     ) -> None:
-        self._components = dict(pipe.components)
+        self._modules = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet")}
         self._scheduler_config = pipe.scheduler.config
         self._spec = spec
         self._width = width
@@ -88,7 +89,6 @@ class SetRenderer:
     def render(self, indices: Sequence[int]) -> list[bytes]:
         """PNG bytes of images `indices` (at most `width`), in that order. Unavailable when stopped."""
         import torch
-        from diffusers import StableDiffusionPipeline
 
         if not 1 <= len(indices) <= self._width:
             raise ValueError(f"a batch holds 1..{self._width} images, got {len(indices)}")
@@ -102,11 +102,9 @@ class SetRenderer:
         # padding slots start from zeros.
         latents = [self._initial_noise(generator) for generator in generators[: len(seeds)]]
         latents += [torch.zeros(self._latent_shape, dtype=self._dtype)] * (self._width - len(seeds))
-        pipe = StableDiffusionPipeline(
-            **{**self._components, "scheduler": make_scheduler(spec.scheduler, self._scheduler_config)},
-            requires_safety_checker=False,
+        pipe = assemble_pipeline(
+            **self._modules, scheduler=make_scheduler(spec.scheduler, self._scheduler_config)
         )
-        pipe.set_progress_bar_config(disable=True)
         try:
             output = pipe(
                 prompt_embeds=self._prompt_embeds,

@@ -7,19 +7,17 @@ explicit default give the same spec and therefore the same cache key. Errors nam
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from dreambooth_client import vocabulary
+
 from services.common.errors import InvalidArgument
 from services.common.model_store import parse_model_name
+from services.common.request_checks import check_guidance, check_scheduler, check_seed
 from services.priorgen.settings import PriorGenSettings
 
-# The schedulers a prior set may use (the proto's Scheduler enum, by name).
-PRIOR_SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "pndm")
 MIN_RESOLUTION = 8  # one latent pixel; the VAE downsamples by 8
-MIN_GUIDANCE, MAX_GUIDANCE = 1.0, 30.0
-SEED_MODULUS = 2**64  # torch seeds are uint64: seed + i wraps around
 
 
 @dataclass(frozen=True)
@@ -31,7 +29,7 @@ class PriorRequest:
     resolution: int = 0  # 0 = default
     steps: int = 0  # 0 = default
     guidance_scale: float = 0.0  # 0 = default
-    scheduler: str = ""  # "" = default; a name from PRIOR_SCHEDULERS
+    scheduler: str = vocabulary.DEFAULT_SCHEDULER  # a vocabulary name
     seed: int = 0
 
 
@@ -47,11 +45,11 @@ class PriorSpec:
     steps: int
     guidance_scale: float
     scheduler: str
-    seed: int  # in [0, 2**64)
+    seed: int  # in the vocabulary's range, 0..2**32-1
 
     def image_seed(self, index: int) -> int:
-        """Image i of the set is sampled from seed + i, whatever batch or run makes it."""
-        return (self.seed + index) % SEED_MODULUS
+        """Image i of the set is sampled from this seed, whatever batch or run makes it."""
+        return vocabulary.image_seed(self.seed, index)
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -81,18 +79,6 @@ def validate_request(request: PriorRequest, settings: PriorGenSettings) -> Prior
     if not 1 <= steps <= settings.max_steps:
         raise InvalidArgument("steps", f"must be in 1..{settings.max_steps}, got {steps}")
 
-    guidance = float(request.guidance_scale) or settings.default_guidance_scale
-    if not math.isfinite(guidance) or not MIN_GUIDANCE <= guidance <= MAX_GUIDANCE:
-        raise InvalidArgument(
-            "guidance_scale", f"must be in {MIN_GUIDANCE:g}..{MAX_GUIDANCE:g} (0 = default), got {guidance}"
-        )
-
-    scheduler = request.scheduler or settings.default_scheduler
-    if scheduler not in PRIOR_SCHEDULERS:
-        raise InvalidArgument(
-            "scheduler", f"unsupported scheduler {scheduler!r}; expected one of {', '.join(PRIOR_SCHEDULERS)}"
-        )
-
     return PriorSpec(
         model_id=model_id,
         class_prompt=class_prompt,
@@ -100,9 +86,9 @@ def validate_request(request: PriorRequest, settings: PriorGenSettings) -> Prior
         num_images=request.num_images,
         resolution=resolution,
         steps=steps,
-        guidance_scale=guidance,
-        scheduler=scheduler,
-        seed=request.seed % SEED_MODULUS,
+        guidance_scale=check_guidance(float(request.guidance_scale) or settings.default_guidance_scale),
+        scheduler=check_scheduler(request.scheduler),
+        seed=check_seed(request.seed),
     )
 
 

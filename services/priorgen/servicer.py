@@ -15,19 +15,11 @@ from typing import Any
 import grpc
 from dreambooth.v1 import common_pb2, priorgen_pb2, priorgen_pb2_grpc
 
+from services.common.request_checks import scheduler_from_proto
 from services.priorgen.generate import PriorGenerator, PriorSetResult
 from services.priorgen.request import PriorRequest
 
 SERVICE_NAME = "dreambooth.v1.PriorGenService"
-
-SCHEDULER_NAMES = {
-    common_pb2.SCHEDULER_UNSPECIFIED: "",
-    common_pb2.SCHEDULER_DDIM: "ddim",
-    common_pb2.SCHEDULER_EULER: "euler",
-    common_pb2.SCHEDULER_EULER_ANCESTRAL: "euler_ancestral",
-    common_pb2.SCHEDULER_DPMPP_2M_KARRAS: "dpmpp_2m_karras",
-    common_pb2.SCHEDULER_PNDM: "pndm",
-}
 
 _Progress = tuple[int, int]
 
@@ -41,8 +33,7 @@ def request_from_proto(message: priorgen_pb2.GeneratePriorsRequest) -> PriorRequ
         resolution=message.resolution,
         steps=message.steps,
         guidance_scale=message.guidance_scale,
-        # An enum value this server does not know is passed on by number and refused by validation.
-        scheduler=SCHEDULER_NAMES.get(message.scheduler, f"<enum value {message.scheduler}>"),
+        scheduler=scheduler_from_proto(message.scheduler),  # unknown numbers: InvalidArgument
         seed=message.seed,
     )
 

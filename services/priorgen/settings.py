@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from dreambooth_client import vocabulary
+
 from services.common.settings import ServerSettings, StoreSettings, from_env
 
 ENV_PREFIX = "DREAMBOOTH_PRIORGEN_"
@@ -25,8 +27,8 @@ class PriorGenSettings:
     max_concurrent_sets: int = 4  # distinct sets generated at once; more wait their turn
     default_resolution: int = 512  # used when a request says 0
     default_steps: int = 30
-    default_guidance_scale: float = 7.5
-    default_scheduler: str = "ddim"
+    # Guidance bounds are the vocabulary's; SCHEDULER_UNSPECIFIED is its default (DDIM), no setting.
+    default_guidance_scale: float = vocabulary.DEFAULT_GUIDANCE
     max_images: int = 1000
     max_resolution: int = 1024
     max_steps: int = 150
@@ -41,6 +43,9 @@ class PriorGenSettings:
                 f"batch_size ({self.batch_size}) must be <= compute_width ({self.compute_width}): "
                 "raise both to batch more images per pipeline call"
             )
+        if not vocabulary.is_valid_guidance(self.default_guidance_scale):
+            bounds = f"{vocabulary.MIN_GUIDANCE:g}..{vocabulary.MAX_GUIDANCE:g}"
+            raise ValueError(f"default_guidance_scale must be in {bounds}, got {self.default_guidance_scale}")
 
 
 def load_settings() -> PriorGenSettings:

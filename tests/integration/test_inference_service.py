@@ -89,6 +89,12 @@ def test_same_request_and_seed_give_identical_bytes(inference_server: RunningInf
     assert image_bytes(other)[0] == image_bytes(first)[1]  # image 1 of seed 7 is image 0 of seed 8
 
 
+def test_the_last_seed_takes_several_images_whose_seeds_wrap(inference_server: RunningInference) -> None:
+    last = inference_server.generate(seed=2**32 - 1, num_images=3, steps=2)
+    assert [image.seed for image in final_images(last)] == [2**32 - 1, 0, 1]
+    assert image_bytes(inference_server.generate(seed=0, steps=2)) == image_bytes(last)[1:2]
+
+
 def test_a_missing_seed_is_drawn_returned_and_reproduces_the_image(
     inference_server: RunningInference,
 ) -> None:
@@ -203,6 +209,7 @@ BAD_INPUTS: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
     ({"output_format": 42}, grpc.StatusCode.INVALID_ARGUMENT, "output_format"),
     ({"preview_interval": -2}, grpc.StatusCode.INVALID_ARGUMENT, "preview_interval"),
     ({"seed": -5}, grpc.StatusCode.INVALID_ARGUMENT, "seed"),
+    ({"seed": 2**32}, grpc.StatusCode.INVALID_ARGUMENT, "seed"),  # uint32 seeds in every service
     ({"prompt": ""}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"prompt": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"prompt": " ".join(["dog"] * 100)}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),

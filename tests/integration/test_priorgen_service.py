@@ -134,6 +134,8 @@ def test_the_batch_size_does_not_change_the_images(start_priorgen: Any, s3_store
         ({"steps": 151}, "steps"),
         ({"guidance_scale": 31.0}, "guidance_scale"),
         ({"scheduler": 99}, "scheduler"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),  # uint32 seeds in every service
         ({"base_model": "tiny-sd"}, "base_model"),
     ],
 )

@@ -34,6 +34,13 @@ def run_cli(*argv: str) -> tuple[int, str, str]:
             "invalid choice",
         ),
         (["generate", "--model", "m", "--prompt", "p", "--out", "x", "--n", "0"], "must be >= 1"),
+        ([*GENERATE, "--out", "x", "--seed", "4294967296"], "must be in 0..4294967295"),
+        ([*GENERATE, "--out", "x", "--seed", "-1"], "must be in 0..4294967295"),
+        ([*GENERATE, "--out", "x", "--guidance", "31"], "must be in 1..30"),
+        (
+            ["train", "--base-model", "m", "--dataset", "d", "--instance-prompt", "p", "--seed", "-2"],
+            "0..4294967295",
+        ),
         (["train", "--base-model", "m", "--dataset", "d"], "--instance-prompt"),
         (["jobs", "frobnicate"], "invalid choice"),
         (["--trainer", "127.0.0.1:1", "jobs", "get", "a/b/c"], "expected 'trainingJobs/ID'"),

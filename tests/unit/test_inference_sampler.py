@@ -8,14 +8,13 @@ import io
 import numpy as np
 import pytest
 import torch
+from dreambooth_client.vocabulary import MAX_SEED, SCHEDULER_NAMES
 from PIL import Image
 
 from services.inference.job import Job
 from services.inference.params import FinalImage, GenerateEvent, GenerateParams, Preview, Progress
 from services.inference.sampler import Sampler
 from tests.fixtures.inference_server import TinyInference, run_jobs
-
-SCHEDULERS = ("ddim", "euler", "euler_ancestral", "dpmpp_2m_karras", "pndm")
 
 
 def images(events: list[GenerateEvent]) -> list[FinalImage]:
@@ -47,7 +46,7 @@ def test_a_solo_request_equals_the_diffusers_pipeline_on_the_same_modules(
 
 
 @pytest.mark.parametrize("guidance", [7.5, 1.0])
-@pytest.mark.parametrize("scheduler", SCHEDULERS)
+@pytest.mark.parametrize("scheduler", SCHEDULER_NAMES)
 def test_batched_requests_get_exactly_their_solo_bytes(
     tiny_inference: TinyInference, scheduler: str, guidance: float
 ) -> None:
@@ -63,10 +62,11 @@ def test_batched_requests_get_exactly_their_solo_bytes(
         assert [i.image.data for i in images(together)] == [i.image.data for i in images(alone)]
 
 
-def test_image_i_is_image_0_of_seed_plus_i(tiny_inference: TinyInference) -> None:
-    [two] = run_jobs(tiny_inference.model, [request(tiny_inference, "a cat", seed=100, num_images=2)])
-    [second] = run_jobs(tiny_inference.model, [request(tiny_inference, "a cat", seed=101)])
-    assert [i.seed for i in images(two)] == [100, 101]
+@pytest.mark.parametrize(("seed", "next_seed"), [(100, 101), (MAX_SEED, 0)])  # image seeds wrap at 2**32
+def test_image_i_is_image_0_of_seed_plus_i(tiny_inference: TinyInference, seed: int, next_seed: int) -> None:
+    [two] = run_jobs(tiny_inference.model, [request(tiny_inference, "a cat", seed=seed, num_images=2)])
+    [second] = run_jobs(tiny_inference.model, [request(tiny_inference, "a cat", seed=next_seed)])
+    assert [i.seed for i in images(two)] == [seed, next_seed]
     assert images(two)[1].image.data == images(second)[0].image.data
 
 

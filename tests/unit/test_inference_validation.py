@@ -6,11 +6,11 @@ import dataclasses
 import math
 
 import pytest
+from dreambooth_client.vocabulary import MAX_SEED
 
 from services.common.errors import InvalidArgument
 from services.inference.params import GenerateParams
 from services.inference.validation import (
-    MAX_SEED,
     RequestLimits,
     check_against_model,
     check_request,
@@ -53,7 +53,8 @@ def test_defaults_follow_the_proto() -> None:
         ({"output_format": "gif"}, "output_format"),
         ({"preview_interval": -1}, "preview_interval"),
         ({"seed": -1}, "seed"),
-        ({"seed": MAX_SEED, "num_images": 2}, "seed"),  # image 1 would overflow int64
+        ({"seed": MAX_SEED + 1}, "seed"),  # 2**32: every service takes uint32 seeds
+        ({"seed": 2**63 - 1}, "seed"),
         ({"prompt": ""}, "prompt"),
         ({"prompt": " \n\t "}, "prompt"),
         ({"prompt": "x" * 1001}, "prompt"),
@@ -69,9 +70,9 @@ def test_each_bad_field_is_named(changes: dict[str, object], field: str) -> None
 
 def test_limits_are_inclusive() -> None:
     params = dataclasses.replace(
-        BASE, num_images=8, width=512, height=64, steps=150, guidance_scale=30.0, seed=MAX_SEED - 7
+        BASE, num_images=8, width=512, height=64, steps=150, guidance_scale=30.0, seed=MAX_SEED
     )
-    assert check_request(params, LIMITS).num_images == 8
+    assert check_request(params, LIMITS).num_images == 8  # the last seed, 8 images: their seeds wrap
     assert check_request(dataclasses.replace(BASE, guidance_scale=1.0), LIMITS).guidance_scale == 1.0
 
 

@@ -76,6 +76,15 @@ def test_images_are_the_plain_pipeline_images_of_seed_plus_i(
         assert (ours != expected).mean() < 0.001
 
 
+def test_the_last_seed_takes_several_images_whose_seeds_wrap(
+    generator: PriorGenerator, local_model_store: ModelStore
+) -> None:
+    store = local_model_store.store
+    last = generator.generate(request(num_images=2, seed=2**32 - 1))
+    first = generator.generate(request(num_images=1, seed=0))
+    assert store.get_bytes(image_key(last.key, 1)) == store.get_bytes(image_key(first.key, 0))
+
+
 def test_an_interrupted_set_is_completed_with_only_the_missing_images(
     generator: PriorGenerator, local_model_store: ModelStore, tmp_path: Path
 ) -> None:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import pytest
 
@@ -101,7 +103,9 @@ def test_the_model_digest_and_compute_width_change_the_key_but_not_the_model_id(
         ({"guidance_scale": float("nan")}, "guidance_scale"),
         ({"guidance_scale": -1.0}, "guidance_scale"),
         ({"scheduler": "ddpm"}, "scheduler"),
-        ({"scheduler": "<enum value 99>"}, "scheduler"),
+        ({"scheduler": ""}, "scheduler"),
+        ({"seed": -1}, "seed"),
+        ({"seed": 2**32}, "seed"),  # uint32 seeds in every service
     ],
 )
 def test_bad_fields_are_refused_by_name(fields: dict[str, object], field: str) -> None:
@@ -120,9 +124,25 @@ def test_limits_come_from_settings() -> None:
 
 
 def test_image_seeds_follow_the_index_and_wrap() -> None:
-    spec = validate_request(request(seed=-1), SETTINGS)
-    assert spec.seed == 2**64 - 1
-    assert [spec.image_seed(i) for i in range(3)] == [2**64 - 1, 0, 1]
+    spec = validate_request(request(seed=2**32 - 1), SETTINGS)
+    assert spec.seed == 2**32 - 1
+    assert [spec.image_seed(i) for i in range(3)] == [2**32 - 1, 0, 1]
+
+
+def legacy_key(spec: PriorSpec, compute_width: int) -> str:
+    """The key as key format 1 first defined it (before image seeds wrapped at 2**32)."""
+    inputs = {k: v for k, v in dataclasses.asdict(spec).items() if k != "model_id"}
+    payload = {"format": 1, "model_digest": DIGEST, "compute_width": compute_width, "inputs": inputs}
+    canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def test_sets_whose_seeds_do_not_wrap_keep_their_keys_and_the_others_get_new_ones() -> None:
+    for seed, count in [(0, 4), (2**32 - 4, 4)]:
+        spec = validate_request(request(seed=seed, num_images=count), SETTINGS)
+        assert prior_key(DIGEST, spec, 4) == legacy_key(spec, 4)
+    wrapping = validate_request(request(seed=2**32 - 3, num_images=4), SETTINGS)
+    assert prior_key(DIGEST, wrapping, 4) != legacy_key(wrapping, 4)
 
 
 def test_layout() -> None:
@@ -153,3 +173,5 @@ def test_settings_from_env() -> None:
         PriorGenSettings(batch_size=0)
     with pytest.raises(ValueError, match="compute_width"):
         PriorGenSettings(batch_size=8, compute_width=4)
+    with pytest.raises(ValueError, match="default_guidance_scale"):
+        PriorGenSettings(default_guidance_scale=40.0)

@@ -17,10 +17,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from dreambooth_client.vocabulary import SCHEDULER_NAMES
 
 from services.common import tiny_model_cli
 from services.common.errors import FailedPrecondition, InvalidArgument, NotFound
-from services.common.pipelines import SCHEDULER_NAMES, load_pipeline, make_scheduler
+from services.common.pipelines import assemble_pipeline, load_pipeline
+from services.common.schedulers import make_scheduler
 from services.common.tiny_model import build_tiny_model, generic_images
 
 
@@ -80,7 +82,8 @@ def test_folder_has_the_real_architecture_at_toy_size(tiny_model_dir: Path) -> N
 def test_pipeline_makes_a_64x64_image(pipe) -> None:
     assert pipe.unet.config.sample_size * pipe.vae_scale_factor == 64
     assert pipe.text_encoder.config.vocab_size == 49408
-    assert pipe.safety_checker is None
+    assert pipe.safety_checker is None and pipe.feature_extractor is None
+    assert pipe._progress_bar_config == {"disable": True}
     out = pipe(
         "a photo of sks dog",
         num_inference_steps=20,
@@ -95,6 +98,15 @@ def test_pipeline_makes_a_64x64_image(pipe) -> None:
     )
     assert first.size == (64, 64)
     assert first.tobytes() == again.tobytes()  # same seed, same pixels
+
+
+def test_assemble_pipeline_shares_the_modules_and_takes_the_scheduler(pipe) -> None:
+    scheduler = make_scheduler("euler", pipe.scheduler.config)
+    modules = {name: getattr(pipe, name) for name in ("vae", "text_encoder", "tokenizer", "unet")}
+    assembled = assemble_pipeline(**modules, scheduler=scheduler)
+    assert all(getattr(assembled, name) is module for name, module in modules.items())
+    assert assembled.scheduler is scheduler and assembled.safety_checker is None
+    assert assembled._progress_bar_config == {"disable": True}
 
 
 def test_latents_of_generic_images_are_well_scaled(pipe) -> None:

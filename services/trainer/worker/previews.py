@@ -6,32 +6,27 @@ import io
 from typing import Any
 
 import torch
+from dreambooth_client.vocabulary import DEFAULT_GUIDANCE, DEFAULT_SCHEDULER, image_seed
 
+from services.common.pipelines import assemble_pipeline
+from services.common.schedulers import make_scheduler
 from services.trainer.training_events import PreviewEvent
 from services.trainer.worker.models import Models
 from services.trainer.worker.runtime import Runtime, WorkerJob
 
 PREVIEW_STEPS = 20  # denoising steps of a validation preview
-PREVIEW_GUIDANCE = 7.5
 PREVIEW_JPEG_QUALITY = 85
 
 
 def make_pipeline(models: Models) -> Any:
     """A sampling pipeline over the live (unwrapped) modules: no copies, no DDP hooks."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    pipe = StableDiffusionPipeline(
+    return assemble_pipeline(
         vae=models.vae,
         text_encoder=models.text_encoder,
         tokenizer=models.tokenizer,
         unet=models.unet,
-        scheduler=DDIMScheduler.from_config(models.noise_scheduler.config),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        scheduler=make_scheduler(DEFAULT_SCHEDULER, models.noise_scheduler.config),
     )
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
 
 
 def send_previews(
@@ -46,13 +41,13 @@ def send_previews(
     try:
         pipe = make_pipeline(models)
         for index, prompt in enumerate(spec.validation_prompts):
-            generator = torch.Generator().manual_seed(spec.seed + index)
+            generator = torch.Generator().manual_seed(image_seed(spec.seed, index))
             autocast = torch.autocast(runtime.device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
             with torch.no_grad(), autocast:
                 image = pipe(
                     prompt,
                     num_inference_steps=PREVIEW_STEPS,
-                    guidance_scale=PREVIEW_GUIDANCE,
+                    guidance_scale=DEFAULT_GUIDANCE,
                     height=spec.resolution,
                     width=spec.resolution,
                     generator=generator,

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from dreambooth_client.vocabulary import image_seed
 
 from services.common.errors import FailedPrecondition
 from services.trainer.worker import data
@@ -35,7 +36,9 @@ def prepare_data(job: WorkerJob, models: Models, store: Any, device: torch.devic
             raise FailedPrecondition("with_prior_preservation is on but no class-prior images were given")
         keys = data.prior_image_keys(store, job.prior_prefix, spec.num_class_images)
         prior_images = data.iter_images(store, keys)
-        prior = data.encode_views(models.vae, prior_images, spec.resolution, seed=spec.seed + 1, **views)
+        prior = data.encode_views(
+            models.vae, prior_images, spec.resolution, seed=image_seed(spec.seed, 1), **views
+        )
         prior = prior.to(device)
         class_ids = data.tokenize(models.tokenizer, spec.class_prompt)
     instance_ids = data.tokenize(models.tokenizer, spec.instance_prompt)

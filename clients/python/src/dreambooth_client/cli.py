@@ -21,11 +21,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from dreambooth.v1 import common_pb2, inference_pb2, trainer_pb2
+from dreambooth.v1 import inference_pb2, trainer_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from dreambooth_client import formatting, messages, training_spec
+from dreambooth_client import formatting, messages, training_spec, vocabulary
 from dreambooth_client.channels import (
     API_KEY_ENV,
     DEFAULT_INFERENCE,
@@ -37,13 +37,30 @@ from dreambooth_client.channels import (
 from dreambooth_client.client import DreamBoothClient
 from dreambooth_client.errors import DreamBoothError, JobFailedError
 
-SCHEDULERS = messages.enum_choices(common_pb2.Scheduler, "SCHEDULER_")
-FORMATS = messages.enum_choices(common_pb2.ImageFormat, "IMAGE_FORMAT_")
+SCHEDULERS = vocabulary.SCHEDULER_NAMES
+FORMATS = vocabulary.IMAGE_FORMAT_NAMES
 STATES = messages.enum_choices(trainer_pb2.TrainingJobState, "TRAINING_JOB_STATE_")
+SEED_RANGE = f"{vocabulary.MIN_SEED}..{vocabulary.MAX_SEED}"
+GUIDANCE_RANGE = f"{vocabulary.MIN_GUIDANCE:g}..{vocabulary.MAX_GUIDANCE:g}"
 
 
 class UsageError(Exception):
     """Input the parser could not check (a bad path, a malformed name): reported as usage."""
+
+
+def seed_value(text: str) -> int:
+    """A seed in the range every service accepts (see dreambooth_client.vocabulary)."""
+    value = int(text)
+    if not vocabulary.is_valid_seed(value):
+        raise argparse.ArgumentTypeError(f"must be in {SEED_RANGE}, got {value}")
+    return value
+
+
+def guidance_value(text: str) -> float:
+    value = float(text)
+    if not vocabulary.is_valid_guidance(value):
+        raise argparse.ArgumentTypeError(f"must be in {GUIDANCE_RANGE}, got {value}")
+    return value
 
 
 # ---------------------------------------------------------------- output
@@ -340,12 +357,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--negative-prompt", default="")
     gen.add_argument("--n", type=positive_int, default=1, help="number of images (default 1)")
     gen.add_argument("--steps", type=positive_int, default=0, help="denoising steps (default: server's)")
-    gen.add_argument("--guidance", type=float, default=0.0, help="guidance scale (default: server's)")
-    gen.add_argument("--seed", type=int, default=None, help="seed of image 0 (default: random)")
-    gen.add_argument("--scheduler", choices=SCHEDULERS, default=None)
+    gen.add_argument(
+        "--guidance",
+        type=guidance_value,
+        default=0.0,
+        help=f"guidance scale, {GUIDANCE_RANGE}; 1 disables it (default {vocabulary.DEFAULT_GUIDANCE:g})",
+    )
+    gen.add_argument("--seed", type=seed_value, help=f"seed of image 0, {SEED_RANGE} (default: random)")
+    gen.add_argument(
+        "--scheduler", choices=SCHEDULERS, default=None, help=f"(default {vocabulary.DEFAULT_SCHEDULER})"
+    )
     gen.add_argument("--width", type=positive_int, default=0)
     gen.add_argument("--height", type=positive_int, default=0)
-    gen.add_argument("--format", choices=FORMATS, default=None, help="image format (default png)")
+    gen.add_argument("--format", choices=FORMATS, help=f"(default {vocabulary.DEFAULT_IMAGE_FORMAT})")
     gen.add_argument("--truncate-prompt", action="store_true", help="cut prompts over 77 tokens")
     gen.add_argument("--generate-timeout", type=float, default=None, help="seconds for the whole call")
     gen.add_argument("--out", required=True, metavar="DIR", help="where to write the images")

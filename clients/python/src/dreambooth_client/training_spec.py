@@ -22,6 +22,8 @@ from typing import Any
 
 from dreambooth.v1 import trainer_pb2
 
+from dreambooth_client.vocabulary import MAX_SEED, MIN_SEED
+
 
 def _enum_names(enum: Any, prefix: str) -> tuple[str, ...]:
     return tuple(
@@ -186,7 +188,7 @@ FIELDS: tuple[SpecField, ...] = (
         choices=MIXED_PRECISIONS,
     ),
     SpecField("gradient_checkpointing", bool, False, "trade compute for memory"),
-    SpecField("seed", int, 0, "seed of everything random in the run", low=0, high=2**32 - 1),
+    SpecField("seed", int, 0, "seed of everything random in the run", low=MIN_SEED, high=MAX_SEED),
     SpecField(
         "checkpointing_steps",
         int,
