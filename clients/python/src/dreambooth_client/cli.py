@@ -129,9 +129,27 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         elif field.choices:
             options["choices"] = field.choices
         else:
-            options["type"] = field.type
+            options["type"] = _spec_value(field)
             options["metavar"] = field.cli_flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(field.cli_flag, **options)
+
+
+def _spec_value(field: training_spec.SpecField) -> Callable[[str], Any]:
+    """The row's type, checked against its numeric bounds here (bounds named after server limits
+    are the server's to check)."""
+
+    def parse(text: str) -> Any:
+        value = field.type(text)
+        low = field.low if isinstance(field.low, int | float) else None
+        high = field.high if isinstance(field.high, int | float) else None
+        too_low = low is not None and (value <= low if field.low_exclusive else value < low)
+        if too_low or (high is not None and value > high):
+            shown = f"{'>' if field.low_exclusive else ''}{low if low is not None else ''}..{high or ''}"
+            raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
+        return value
+
+    parse.__name__ = field.type.__name__  # argparse names the type in "invalid int value" errors
+    return parse
 
 
 def _flag_help(field: training_spec.SpecField) -> str:
