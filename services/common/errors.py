@@ -43,6 +43,10 @@ class Unavailable(DomainError):
     """A dependency (object store, another service) is down. Maps to UNAVAILABLE."""
 
 
+class DeadlineExceeded(DomainError):
+    """A client-side stream stalled past the server's idle limit. Maps to DEADLINE_EXCEEDED."""
+
+
 class Unauthenticated(DomainError):
     """No or unknown credentials. Maps to UNAUTHENTICATED."""
 

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 from dreambooth_client.vocabulary import DEFAULT_IMAGE_FORMAT
 from PIL import Image, ImageOps, UnidentifiedImageError
 
@@ -48,6 +49,21 @@ def encode_image(
     return out.getvalue()
 
 
+def image_size(data: bytes, field: str = "image") -> tuple[int, int]:
+    """(width, height) from the header alone: cheap, decodes no pixel."""
+    if not data:
+        raise InvalidArgument(field, "image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data), formats=DECODE_FORMATS) as image:
+                return image.size
+    except Image.DecompressionBombError as err:
+        raise InvalidArgument(field, f"image is too large: {err}") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as err:
+        raise InvalidArgument(field, f"not a readable PNG, JPEG, WebP, BMP or GIF image ({err})") from err
+
+
 def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
     """A fully loaded RGB image from untrusted bytes, upright per EXIF, at most `max_pixels`."""
     if not data:
@@ -80,6 +96,8 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     """RGB; transparent areas become white (product shots on transparent backgrounds)."""
     if image.mode == "RGB":
         return image
+    if image.mode.startswith("I") or image.mode == "F":
+        return _wide_gray_to_rgb(image)
     if image.mode == "P" and "transparency" in image.info:
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA"):
@@ -88,3 +106,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         background.paste(rgba, mask=rgba.getchannel("A"))
         return background
     return image.convert("RGB")
+
+
+def _wide_gray_to_rgb(image: Image.Image) -> Image.Image:
+    """16-bit (and 32-bit integer or float) grayscale scaled to 8 bits. Pillow's own convert
+    clips these to 0..255, which turns a 16-bit photo almost white."""
+    values = np.asarray(image, dtype=np.float64)
+    full_scale = 65535.0 if image.mode.startswith("I;16") or values.max(initial=0) > 255 else 255.0
+    if image.mode == "F":
+        full_scale = 1.0 if values.max(initial=0) <= 1.0 else full_scale
+    gray = np.clip(np.rint(values * (255.0 / full_scale)), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")  # a 2-D uint8 array is mode L

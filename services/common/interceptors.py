@@ -6,6 +6,11 @@ points at the logged traceback, so no internal detail reaches a client.
 
 A streaming RPC is timed over its whole stream: the wrapper wraps the response *iterator*, not the
 handler call, which returns at once (DESIGN §11). Errors raised mid-stream are mapped the same way.
+
+Requests that are not valid protobuf frames are INVALID_ARGUMENT, not gRPC's INTERNAL/UNKNOWN: the
+request deserializer is wrapped so a bad frame becomes a marker that the guard turns into an error.
+Every message a client sees is bounded in length (a 20 KB name echoed into an error must not
+outgrow gRPC's metadata limit) and carries no Python object reprs (heap addresses).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -35,6 +41,7 @@ STATUS_BY_ERROR: dict[type[errors.DomainError], grpc.StatusCode] = {
     errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.DataCorruption: grpc.StatusCode.DATA_LOSS,
@@ -46,6 +53,59 @@ UNINSTRUMENTED_PREFIXES = (
     "/grpc.reflection.v1alpha.ServerReflection/",
     "/grpc.reflection.v1.ServerReflection/",
 )
+
+
+MAX_MESSAGE_CHARS = 1000  # far below gRPC's 8 KiB metadata limit, long enough for any real message
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def client_message(text: str) -> str:
+    """What a client may read of an error message: no object reprs, at most MAX_MESSAGE_CHARS."""
+    text = _OBJECT_REPR.sub("the data", text)
+    if len(text) > MAX_MESSAGE_CHARS:
+        text = text[: MAX_MESSAGE_CHARS - 20] + f"... ({len(text)} chars)"
+    return text
+
+
+class _MalformedRequest:
+    """What a request frame that does not parse as its message becomes (see _tolerant)."""
+
+    def __init__(self, message_name: str) -> None:
+        self.message_name = message_name
+
+    def error(self) -> errors.InvalidArgument:
+        return errors.InvalidArgument("request", f"is not a valid {self.message_name} protobuf frame")
+
+
+def _tolerant(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    if deserializer is None:
+        return None
+    owner = getattr(deserializer, "__self__", None)
+    name = getattr(getattr(owner, "DESCRIPTOR", None), "full_name", "request")
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except Exception:  # DecodeError, RecursionError on deep nesting, ...: all the client's fault
+            return _MalformedRequest(name)
+
+    return deserialize
+
+
+async def _checked_requests(requests: Any) -> AsyncIterator[Any]:
+    """A request stream that raises InvalidArgument at the first malformed frame."""
+    async for request in _as_async_iterator(requests):
+        if isinstance(request, _MalformedRequest):
+            raise request.error()
+        yield request
+
+
+def _checked(request_or_iterator: Any, streaming: bool) -> Any:
+    if streaming:
+        return _checked_requests(request_or_iterator)
+    if isinstance(request_or_iterator, _MalformedRequest):
+        raise request_or_iterator.error()
+    return request_or_iterator
 
 
 def status_for(error: errors.DomainError) -> grpc.StatusCode:
@@ -112,7 +172,7 @@ class _RpcGuard:
                 if status is grpc.StatusCode.INTERNAL:
                     abort_with = self._internal(exc_type, exc, tb)
                 else:
-                    abort_with = (status, str(exc))
+                    abort_with = (status, client_message(str(exc)))
                     log.info(
                         "rpc failed",
                         extra={"method": self._method, "code": status.name, "error": str(exc)},
@@ -179,34 +239,46 @@ class ErrorMappingMetricsInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         codec = {
-            "request_deserializer": handler.request_deserializer,
+            "request_deserializer": _tolerant(handler.request_deserializer),
             "response_serializer": handler.response_serializer,
         }
         if handler.unary_unary is not None:
-            return grpc.unary_unary_rpc_method_handler(self._unary(method, handler.unary_unary), **codec)
+            return grpc.unary_unary_rpc_method_handler(
+                self._unary(method, handler.unary_unary, streaming=False), **codec
+            )
         if handler.stream_unary is not None:
-            return grpc.stream_unary_rpc_method_handler(self._unary(method, handler.stream_unary), **codec)
+            return grpc.stream_unary_rpc_method_handler(
+                self._unary(method, handler.stream_unary, streaming=True), **codec
+            )
         if handler.unary_stream is not None:
-            return grpc.unary_stream_rpc_method_handler(self._stream(method, handler.unary_stream), **codec)
+            return grpc.unary_stream_rpc_method_handler(
+                self._stream(method, handler.unary_stream, streaming=False), **codec
+            )
         if handler.stream_stream is not None:
-            return grpc.stream_stream_rpc_method_handler(self._stream(method, handler.stream_stream), **codec)
+            return grpc.stream_stream_rpc_method_handler(
+                self._stream(method, handler.stream_stream, streaming=True), **codec
+            )
         return handler
 
-    def _unary(self, method: str, behavior: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
+    def _unary(
+        self, method: str, behavior: Callable[..., Any], *, streaming: bool
+    ) -> Callable[..., Awaitable[Any]]:
         """Unary response (the request may be a stream): time the awaited call."""
 
         async def guarded(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
             async with self._guard(method, context):
-                return await behavior(request_or_iterator, context)
+                return await behavior(_checked(request_or_iterator, streaming), context)
 
         return guarded
 
-    def _stream(self, method: str, behavior: Callable[..., Any]) -> Callable[..., AsyncIterator[Any]]:
+    def _stream(
+        self, method: str, behavior: Callable[..., Any], *, streaming: bool
+    ) -> Callable[..., AsyncIterator[Any]]:
         """Streamed response: time and guard the iteration, which is where the work happens."""
 
         async def guarded(request_or_iterator: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             async with self._guard(method, context):
-                result = behavior(request_or_iterator, context)
+                result = behavior(_checked(request_or_iterator, streaming), context)
                 if inspect.isawaitable(result):  # a coroutine handler that uses context.write()
                     await result
                     return

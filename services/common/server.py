@@ -26,11 +26,11 @@ from wsgiref.simple_server import WSGIServer
 import grpc
 import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry, start_http_server
 
 from services.common.interceptors import ErrorMappingMetricsInterceptor
 from services.common.metrics import MetricFactory, RequestMetrics, metric_namespace
+from services.common.reflection_v1 import enable_reflection
 from services.common.settings import ServerSettings
 
 log = logging.getLogger(__name__)
@@ -126,9 +126,7 @@ class GrpcServerApp:
         health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
         for name in ("", *self.service_names):
             await health_servicer.set(name, _NOT_SERVING)
-        reflection.enable_server_reflection(
-            (*self.service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
+        enable_reflection((*self.service_names, health.SERVICE_NAME), server)
 
         address = _join_host_port(self.settings.host, self.settings.port)
         try:

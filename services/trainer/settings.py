@@ -20,6 +20,13 @@ class UploadLimits:
     max_total_bytes: int = 200 * MIB  # the whole upload
     max_chunk_bytes: int = 1 * MIB
     max_image_pixels: int = 40_000_000  # decoded width * height; larger is treated as a bomb
+    max_stream_pixels: int = 400_000_000  # decoded pixels of one whole upload (e.g. 33 photos of 12 MP)
+    min_image_side: int = 64  # the smallest training resolution: smaller would only be upscaled
+    max_aspect_ratio: float = 4.0  # longer side / shorter side; resized by the shorter side, a
+    # 1x40000 strip would become a 64x2.56M-pixel training image
+    max_concurrent_uploads: int = 8  # UploadImages streams at once (each holds up to max_total_bytes)
+    idle_seconds: float = 30.0  # an upload stream silent this long is ended
+    decode_workers: int = 1  # threads that decode uploads, apart from the RPC threads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,6 +66,12 @@ class TrainerSettings:
     max_image_bytes: int = 20 * MIB
     max_upload_bytes: int = 200 * MIB
     max_image_pixels: int = 40_000_000
+    max_upload_pixels: int = 400_000_000
+    min_image_side: int = 64
+    max_aspect_ratio: float = 4.0
+    max_concurrent_uploads: int = 8
+    upload_idle_seconds: float = 30.0
+    upload_decode_workers: int = 1
     # Spec limits.
     max_workers: int = 8
     max_steps: int = 20_000
@@ -69,6 +82,8 @@ class TrainerSettings:
         for name in (
             "max_concurrent_jobs",
             "max_upload_images",
+            "max_concurrent_uploads",
+            "upload_decode_workers",
             "max_workers",
             "max_steps",
             "priorgen_attempts",
@@ -85,6 +100,12 @@ class TrainerSettings:
             max_image_bytes=self.max_image_bytes,
             max_total_bytes=self.max_upload_bytes,
             max_image_pixels=self.max_image_pixels,
+            max_stream_pixels=self.max_upload_pixels,
+            min_image_side=self.min_image_side,
+            max_aspect_ratio=self.max_aspect_ratio,
+            max_concurrent_uploads=self.max_concurrent_uploads,
+            idle_seconds=self.upload_idle_seconds,
+            decode_workers=self.upload_decode_workers,
         )
 
     @property

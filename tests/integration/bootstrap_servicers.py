@@ -6,6 +6,7 @@
   "crash"              raise an unexpected exception carrying SECRET (must never reach a client)
   "block"              wait until cancelled (Generate: after one message); records the cancellation
   "gate"               wait for `gate` to be set, then return (Generate: after one message)
+  "long"               raise NotFound echoing a 20 KB name and an object repr (messages are bounded)
 GetModel also takes "abort" (context.abort(OUT_OF_RANGE)) and "set_code" (set_code(ABORTED), return).
 """
 
@@ -62,6 +63,11 @@ class Behaviours:
             except asyncio.CancelledError:
                 self.cancelled.set()
                 raise
+        if behaviour == "long":
+            name = "x" * 20_000
+            raise errors.NotFound(
+                "model", f"model {name!r} not found in <_io.BytesIO object at 0x7f3a2c1d9e80>"
+            )
         if behaviour == "gate":
             self.started.set()
             await self.gate.wait()

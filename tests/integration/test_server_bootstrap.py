@@ -16,13 +16,14 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import grpc.aio
 import pytest
 from dreambooth.v1 import inference_pb2, inference_pb2_grpc, trainer_pb2, trainer_pb2_grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 from prometheus_client.parser import text_string_to_metric_families
 
 from services.common import errors
@@ -125,24 +126,88 @@ def test_health_is_not_serving_until_ready_then_serving() -> None:
     run(scenario())
 
 
-def test_reflection_lists_added_services_health_and_reflection() -> None:
+@pytest.mark.parametrize("version", ["v1", "v1alpha"])
+def test_reflection_v1_and_v1alpha_list_services_and_describe_them(version: str) -> None:
+    """Current grpcurl/Postman ask v1 first; older tools v1alpha. The v1 frames are read with the
+    v1alpha classes here: the two protocols are the same bytes under another package name."""
+    method = f"/grpc.reflection.{version}.ServerReflection/ServerReflectionInfo"
+
     async def scenario() -> None:
         async with serving_app() as (_, _, channel):
-            stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-            request = reflection_pb2.ServerReflectionRequest(list_services="")
-            responses = [r async for r in stub.ServerReflectionInfo(iter([request]), timeout=DEADLINE_S)]
+            call = channel.stream_stream(
+                method,
+                request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+            )
+            requests = [
+                reflection_pb2.ServerReflectionRequest(list_services=""),
+                reflection_pb2.ServerReflectionRequest(file_containing_symbol=INFERENCE),
+            ]
+            responses = [r async for r in call(iter(requests), timeout=DEADLINE_S)]
             names = {s.name for s in responses[0].list_services_response.service}
             assert names == {
                 INFERENCE,
                 TRAINER,
                 "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection",
+                "grpc.reflection.v1.ServerReflection",
             }
+            assert responses[1].file_descriptor_response.file_descriptor_proto
 
     run(scenario())
 
 
 # ---- error mapping --------------------------------------------------------------------------------
+
+CORRUPT_FRAME = b"\x0a\xff\xff\xff\xff\x0f"  # field 1, length-delimited, with an impossible length
+
+
+def _raw(channel: grpc.aio.Channel, kind: str, method: str) -> Any:
+    return getattr(channel, kind)(method, request_serializer=None, response_deserializer=None)
+
+
+def test_a_corrupt_frame_is_invalid_argument_for_every_rpc_shape() -> None:
+    """Not INTERNAL or UNKNOWN with protobuf class names: the client sent bad bytes."""
+    header = trainer_pb2.UploadImagesRequest(
+        image_header=trainer_pb2.ImageHeader(filename="ok")
+    ).SerializeToString()
+
+    async def scenario() -> None:
+        async with serving_app() as (app, _, channel):
+            await app.set_serving(True)
+            calls = {
+                "unary": _raw(channel, "unary_unary", f"/{INFERENCE}/GetModel")(CORRUPT_FRAME),
+                "server streaming": _raw(channel, "unary_stream", f"/{INFERENCE}/Generate")(CORRUPT_FRAME),
+                "client streaming": _raw(channel, "stream_unary", f"/{TRAINER}/UploadImages")(
+                    iter([header, CORRUPT_FRAME])
+                ),
+            }
+            for shape, call in calls.items():
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    if shape == "server streaming":
+                        async for _ in call:
+                            pass
+                    else:
+                        await call
+                assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, shape
+                assert info.value.details().startswith("request: is not a valid dreambooth.v1."), shape
+            assert await health_status(channel, "") == health_pb2.HealthCheckResponse.SERVING
+
+    run(scenario())
+
+
+def test_messages_are_bounded_and_carry_no_object_reprs() -> None:
+    """A 20 KB name echoed into an error would outgrow gRPC's metadata limit and surface as
+    RESOURCE_EXHAUSTED; it is cut instead, and heap addresses never reach a client."""
+
+    async def scenario() -> None:
+        async with serving_app() as (_, _, channel):
+            inference = inference_pb2_grpc.InferenceServiceStub(channel)
+            err = await rpc_error(inference.GetModel(inference_pb2.GetModelRequest(name="long")))
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            assert len(err.details()) <= 1000 and "0x" not in err.details() and "BytesIO" not in err.details()
+
+    run(scenario())
 
 
 @pytest.mark.parametrize("error_name", sorted(DOMAIN_ERRORS))

@@ -6,6 +6,8 @@ so these tests need neither Ray nor the prior-generation service.
 
 from __future__ import annotations
 
+import threading
+import time
 import urllib.request
 from collections.abc import Callable, Iterator
 
@@ -174,3 +176,63 @@ def test_health_and_metrics(trainer: RunningTrainer) -> None:
         text = response.read().decode()
     assert 'dreambooth_trainer_jobs{state="queued"} 0.0' in text
     assert "dreambooth_trainer_step_duration_seconds" in text
+
+
+def _held_stream(first: trainer_pb2.UploadImagesRequest, release: threading.Event):
+    """A client stream that sends one message, then stalls until `release` is set."""
+    yield first
+    release.wait(30)
+
+
+def test_a_stalled_upload_is_ended_and_frees_its_place(start_trainer: Callable[..., RunningTrainer]) -> None:
+    """A stalled stream used to stay open indefinitely (still open at 150 s)."""
+    trainer = start_trainer(upload_idle_seconds=0.5, max_concurrent_uploads=1)
+    release = threading.Event()
+    header = trainer_pb2.UploadImagesRequest(image_header=trainer_pb2.ImageHeader(filename="a.png"))
+    started = time.monotonic()
+    err = rpc_error(lambda: trainer.stub.UploadImages(_held_stream(header, release), timeout=30))
+    release.set()
+    assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "UploadImages" in err.details()
+    assert time.monotonic() - started < 10
+    assert trainer.upload([make_png(0)]).image_count == 1  # the place was given back
+
+
+def test_upload_streams_beyond_the_cap_are_refused_at_once(
+    start_trainer: Callable[..., RunningTrainer],
+) -> None:
+    trainer = start_trainer(max_concurrent_uploads=1, upload_idle_seconds=20)
+    release = threading.Event()
+    header = trainer_pb2.UploadImagesRequest(image_header=trainer_pb2.ImageHeader(filename="a.png"))
+    holder = trainer.stub.UploadImages.future(_held_stream(header, release), timeout=30)
+    deadline = time.monotonic() + 10
+    while trainer.core.uploads.open_streams == 0 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    try:
+        err = rpc_error(lambda: trainer.stub.UploadImages(upload_requests([make_png(1)]), timeout=10))
+        assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "uploads" in err.details()
+    finally:
+        release.set()
+        holder.cancel()
+
+
+def test_decoding_runs_apart_from_the_rpc_threads(start_trainer: Callable[..., RunningTrainer]) -> None:
+    """Six 108-MB decodes once took both cores and made an unrelated CancelTrainingJob wait
+    10.5 s. Decoding now has its own pool: while it is busy, other RPCs still answer."""
+    trainer = start_trainer(max_image_bytes=20_000_000, max_image_pixels=40_000_000)
+    gate = threading.Event()
+    busy = trainer.core.uploads.decode_executor.submit(gate.wait, 30)  # the pool is occupied
+    try:
+        upload = trainer.stub.UploadImages.future(upload_requests([make_png(0)]), timeout=30)
+        started = time.monotonic()
+        err = rpc_error(
+            lambda: trainer.stub.CancelTrainingJob(
+                trainer_pb2.CancelTrainingJobRequest(name="trainingJobs/000000000000"), timeout=10
+            )
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert time.monotonic() - started < 2.0
+        assert not upload.done()  # still waiting for the decode pool
+    finally:
+        gate.set()
+    assert upload.result().dataset.image_count == 1
+    busy.result()

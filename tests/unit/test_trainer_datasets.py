@@ -6,6 +6,7 @@ import dataclasses
 import io
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image, PngImagePlugin
 
@@ -87,9 +88,9 @@ def test_identity_is_the_pixels_not_the_file(store: CountingStore) -> None:
 def test_exif_orientation_is_applied(store: CountingStore) -> None:
     exif = Image.Exif()
     exif[0x0112] = 6  # stored sideways: rotate 90 degrees clockwise to view
-    sideways = encode(make_image(3, (48, 24)), "JPEG", exif=exif)
+    sideways = encode(make_image(3, (128, 64)), "JPEG", exif=exif)
     info = upload(store, [sideways])
-    assert (info.images[0].width, info.images[0].height) == (24, 48)
+    assert (info.images[0].width, info.images[0].height) == (64, 128)
 
 
 def test_decompression_bomb_is_refused_naming_the_image(store: CountingStore) -> None:
@@ -195,3 +196,43 @@ def test_bad_dataset_names(name: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         parse_dataset_name(name, "spec.dataset")
     assert info.value.field == "spec.dataset"
+
+
+@pytest.mark.parametrize(
+    ("size", "words"),
+    [
+        ((1, 40_000), "at least 64"),
+        ((64, 40_000), "aspect ratio"),
+        ((1, 1), "at least 64"),
+        ((63, 200), "at least 64"),
+        ((300, 64), "aspect"),
+    ],
+)
+def test_tiny_and_extreme_aspect_images_are_refused_before_decoding(
+    store: CountingStore, size: tuple[int, int], words: str
+) -> None:
+    """A 243-byte 1x40000 PNG would become a 64 x 2.56M-pixel training image; a 1x1 one teaches
+    nothing. Both are refused from the header, naming the image, and nothing is stored."""
+    strip = encode(Image.new("RGB", size, (200, 10, 10)))
+    with pytest.raises(InvalidArgument) as info:
+        upload(store, [make_png(0), strip])
+    assert info.value.field == "images[1]" and words in str(info.value)
+    assert store.puts == []
+
+
+def test_the_decoded_pixels_of_one_upload_are_bounded(store: CountingStore) -> None:
+    limits = UploadLimits(max_stream_pixels=3 * 64 * 64)
+    upload(store, [make_png(i) for i in range(3)], limits)  # exactly at the budget
+    with pytest.raises(InvalidArgument) as info:
+        upload(store, [make_png(i) for i in range(4)], limits)
+    assert info.value.field == "images" and "pixels" in str(info.value)
+
+
+def test_16_bit_grayscale_is_scaled_not_clipped(store: CountingStore) -> None:
+    """Pillow's own convert clips 16-bit values to 255: a ramp became 99.6 % white."""
+    ramp = (np.arange(256 * 64).reshape(64, 256) % 256 * 257).astype(np.uint16)  # 0..65535
+    info = upload(store, [encode(Image.fromarray(ramp))])
+    stored = np.asarray(Image.open(io.BytesIO(store.get_bytes(info.image_keys()[0]))))
+    assert stored.shape == (64, 256, 3)
+    assert list(stored[0, :4, 0]) == [0, 1, 2, 3] and stored[0, 255, 0] == 255
+    assert (stored == 255).mean() < 0.01

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import itertools
 from pathlib import Path
 
@@ -181,7 +182,8 @@ def test_page_token_errors(repo: JobRepository) -> None:
     for _ in range(3):
         repo.create(SPEC, request_id="", request_fingerprint="f")
     token = repo.list(page_size=1).next_page_token
-    for bad in ("garbage!", "e30", token[:-3]):
+    nested = base64.urlsafe_b64encode(b"[" * 100_000 + b"]" * 100_000).decode()  # RecursionError once
+    for bad in ("garbage!", "e30", token[:-3], nested[:500], nested):
         with pytest.raises(InvalidArgument) as info:
             repo.list(page_token=bad)
         assert info.value.field == "page_token"

@@ -13,6 +13,7 @@ import grpc.aio
 from dreambooth.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.errors import InvalidArgument
+from services.common.streams import with_idle_timeout
 from services.trainer.api import convert
 from services.trainer.jobs.core import TrainerCore
 
@@ -26,16 +27,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         request_iterator: AsyncIterator[trainer_pb2.UploadImagesRequest],
         context: grpc.aio.ServicerContext,
     ) -> trainer_pb2.UploadImagesResponse:
-        upload = self.core.new_upload()
-        async for request in request_iterator:
-            part = request.WhichOneof("part")
-            if part == "image_header":
-                upload.start_image(request.image_header.filename, request.image_header.size_bytes)
-            elif part == "chunk":
-                upload.add_chunk(request.chunk)
-            else:
-                raise InvalidArgument("part", "each message must carry an image_header or a chunk")
-        info = await asyncio.to_thread(self.core.finish_upload, upload)
+        limits = self.core.upload_limits
+        with self.core.uploads.stream():
+            upload = self.core.new_upload()
+            async for request in with_idle_timeout(request_iterator, limits.idle_seconds, "UploadImages"):
+                part = request.WhichOneof("part")
+                if part == "image_header":
+                    upload.start_image(request.image_header.filename, request.image_header.size_bytes)
+                elif part == "chunk":
+                    upload.add_chunk(request.chunk)
+                else:
+                    raise InvalidArgument("part", "each message must carry an image_header or a chunk")
+            loop = asyncio.get_running_loop()
+            info = await loop.run_in_executor(
+                self.core.uploads.decode_executor, self.core.finish_upload, upload
+            )
         return trainer_pb2.UploadImagesResponse(dataset=convert.dataset_to_proto(info))
 
     async def CreateTrainingJob(

@@ -27,6 +27,7 @@ from services.trainer.jobs.records import (
     validate_request_id,
 )
 from services.trainer.jobs.runner import JobRunner, PriorsProvider, RunnerSettings, TrainFn
+from services.trainer.jobs.upload_gate import UploadGate
 from services.trainer.jobs.validation import GpuCounter, SpecRequest, StoreModelCatalog, validate_spec
 from services.trainer.settings import SpecLimits, UploadLimits
 
@@ -54,6 +55,7 @@ class TrainerCore:
         self.catalog = StoreModelCatalog(models)
         self.spec_limits = spec_limits
         self.upload_limits = upload_limits
+        self.uploads = UploadGate(upload_limits)
         self.metrics = metrics
         self.gpu_count = gpu_count
         self.events = EventLogs(store, persist_seconds=persist_seconds, clock=clock)
@@ -83,6 +85,7 @@ class TrainerCore:
 
     def shutdown(self, timeout: float | None = None) -> None:
         self.runner.shutdown(timeout)
+        self.uploads.shutdown()
 
     def _on_change(self, old_state: JobState | None, job: Job) -> None:
         self.events.state_changed(job)

@@ -13,7 +13,7 @@ import hashlib
 import io
 
 from services.common.errors import InvalidArgument, NotFound
-from services.common.images import decode_image, encode_image
+from services.common.images import decode_image, encode_image, image_size
 from services.common.object_store import ObjectStore
 from services.trainer.dataset_layout import (
     DatasetInfo,
@@ -45,6 +45,29 @@ class DatasetStore:
         except NotFound:
             pass
         return write_dataset(self.store, dataset_id, normalised, now=now)
+
+
+def check_image_shape(data: bytes, index: int, limits: UploadLimits) -> int:
+    """The image's pixel count, read from its header (no pixel decoded), once its size and
+    aspect ratio passed the limits."""
+    field = f"images[{index}]"
+    width, height = image_size(data, field)
+    short, long = sorted((width, height))
+    if short < limits.min_image_side:
+        raise InvalidArgument(
+            field, f"is {width}x{height}; each side must be at least {limits.min_image_side} pixels"
+        )
+    if long > short * limits.max_aspect_ratio:
+        raise InvalidArgument(
+            field,
+            f"is {width}x{height}, an aspect ratio of {long / short:.1f}; "
+            f"at most {limits.max_aspect_ratio:g}:1 is accepted (crop it first)",
+        )
+    if width * height > limits.max_image_pixels:
+        raise InvalidArgument(
+            field, f"is {width}x{height} = {width * height} pixels; the limit is {limits.max_image_pixels}"
+        )
+    return width * height
 
 
 def normalise_image(data: bytes, index: int, max_pixels: int) -> bytes:
@@ -128,6 +151,16 @@ class ImageUpload:
                 "images", f"no images: upload between 1 and {self.limits.max_images} images"
             )
         self._check_declared_size()
+        # Every header first: a stream is refused before any of its pixels is decoded.
+        pixels = [
+            check_image_shape(buffer.getvalue(), i, self.limits) for i, buffer in enumerate(self._images)
+        ]
+        if sum(pixels) > self.limits.max_stream_pixels:
+            raise InvalidArgument(
+                "images",
+                f"the images decode to {sum(pixels)} pixels together; "
+                f"the limit is {self.limits.max_stream_pixels} per upload",
+            )
         normalised = [
             normalise_image(buffer.getvalue(), index, self.limits.max_image_pixels)
             for index, buffer in enumerate(self._images)

@@ -334,12 +334,18 @@ def _encode_token(create_time: float, job_id: str, state_filter: str) -> str:
     return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
 
 
+MAX_PAGE_TOKEN_CHARS = 512  # the tokens this server issues are ~100 characters
+
+
 def _decode_token(token: str, state_filter: str) -> tuple[float, str]:
+    if len(token) > MAX_PAGE_TOKEN_CHARS:
+        raise InvalidArgument("page_token", "is not a token this server returned")
     try:
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode()))
         create_time, job_id, token_filter = float(data["t"]), str(data["id"]), str(data["s"])
-    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, binascii.Error, UnicodeDecodeError, RecursionError):
+        # RecursionError: JSON nested thousands deep (a hostile token), not a server fault
         raise InvalidArgument("page_token", "is not a token this server returned") from None
     if token_filter != state_filter:
         raise InvalidArgument("page_token", "belongs to a listing with a different state filter")
