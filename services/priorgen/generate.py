@@ -58,10 +58,12 @@ class PriorSetResult:
 
 @dataclass(frozen=True)
 class Ticket:
-    """A started request: its result, and how to stop listening (the generation goes on)."""
+    """A started request: its result, and `release`, called when the caller stops waiting (done
+    or cancelled). A generation that every caller has released stops at its next step; what it
+    stored so far stays, and the next request for the set resumes from there."""
 
     future: Future[PriorSetResult]
-    unsubscribe: Callable[[], None]
+    release: Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,16 @@ class PriorGenerator:
             return Ticket(done, lambda: None)
 
         flight, leader = self._flights.join(target.key)
-        unsubscribe = flight.subscribe(on_progress) if on_progress is not None else (lambda: None)
+        release = flight.attach(on_progress)
         if leader:
+            work = lambda report: self._produce(target, report, flight.abandoned)  # noqa: E731
             try:
-                self._sets.submit(
-                    self._flights.run, target.key, flight, lambda report: self._produce(target, report)
-                )
+                self._sets.submit(self._flights.run, target.key, flight, work)
             except RuntimeError:  # closed between the check above and here
                 self._flights.run(target.key, flight, _shutting_down)
-            return Ticket(_derived(flight, follower=False), unsubscribe)
+            return Ticket(_derived(flight, follower=False), release)
         self.metrics.single_flight_joins_total.inc()
-        return Ticket(_derived(flight, follower=True), unsubscribe)
+        return Ticket(_derived(flight, follower=True), release)
 
     def generate(self, request: PriorRequest, on_progress: ProgressFn | None = None) -> PriorSetResult:
         """Blocking convenience: start() and wait."""
@@ -142,7 +143,7 @@ class PriorGenerator:
 
     # ---- generation (leader only, on a set worker) --------------------------------------------
 
-    def _produce(self, target: _Target, report: ProgressFn) -> PriorSetResult:
+    def _produce(self, target: _Target, report: ProgressFn, abandoned: threading.Event) -> PriorSetResult:
         spec, key = target.spec, target.key
         total = spec.num_images
         if self._stop.is_set():
@@ -165,10 +166,11 @@ class PriorGenerator:
         try:
             if missing:
                 pipe = self._pipelines.get(spec.model_id, target.model_digest)
-                renderer = SetRenderer(pipe, spec, self._settings.compute_width, self._stop)
+                stop = _EitherEvent(self._stop, abandoned)
+                renderer = SetRenderer(pipe, spec, self._settings.compute_width, stop)  # type: ignore[arg-type]
                 for batch in _chunks(missing, self._settings.batch_size):
                     batch_started = time.monotonic()
-                    for index, data in zip(batch, renderer.render(batch), strict=True):
+                    for index, data in zip(batch, self._render(renderer, batch, abandoned), strict=True):
                         self._store.put_bytes(image_key(key, index), data)
                         hashes[index] = (hashlib.sha256(data).hexdigest(), len(data))
                     self.metrics.batch_duration_seconds.observe(time.monotonic() - batch_started)
@@ -186,6 +188,15 @@ class PriorGenerator:
         log.info("prior set complete", extra={"key": key, "count": total, "generated": len(missing)})
         return self._result(target, cached=False, generated=len(missing))
 
+    def _render(self, renderer: SetRenderer, batch: Sequence[int], abandoned: threading.Event) -> list[bytes]:
+        """The batch's PNGs; Abandoned (not "shutting down") when the stop came from callers leaving."""
+        try:
+            return renderer.render(batch)
+        except Unavailable:
+            if abandoned.is_set() and not self._stop.is_set():
+                raise Abandoned("every caller of this prior set cancelled; it stopped") from None
+            raise
+
     def _present_images(self, key: str, total: int) -> set[int]:
         present = set()
         for info in self._store.list(images_prefix(key)):
@@ -193,6 +204,20 @@ class PriorGenerator:
             if index is not None and index < total and info.size > 0:
                 present.add(index)
         return present
+
+
+class Abandoned(Exception):
+    """A set stopped because no caller waits for it any more (nobody sees this error)."""
+
+
+class _EitherEvent:
+    """Set when either event is: shutdown, or every caller gone (what SetRenderer polls)."""
+
+    def __init__(self, *events: threading.Event) -> None:
+        self._events = events
+
+    def is_set(self) -> bool:
+        return any(event.is_set() for event in self._events)
 
 
 def _shutting_down(report: ProgressFn) -> PriorSetResult:

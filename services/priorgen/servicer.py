@@ -70,8 +70,9 @@ class PriorGenServicer(priorgen_pb2_grpc.PriorGenServiceServicer):
 
         # Validation, model lookup and the cache check touch the store: off the event loop.
         ticket = await asyncio.to_thread(self._core.start, request_from_proto(request), on_progress)
+        next_progress: asyncio.Future[Any] | None = None
+        finished = asyncio.wrap_future(ticket.future)
         try:
-            finished = asyncio.wrap_future(ticket.future)
             while not finished.done():
                 next_progress = asyncio.ensure_future(progress.get())
                 waits: set[asyncio.Future[Any]] = {next_progress, finished}
@@ -85,4 +86,9 @@ class PriorGenServicer(priorgen_pb2_grpc.PriorGenServiceServicer):
                 yield _progress_message(*progress.get_nowait())
             yield priorgen_pb2.GeneratePriorsResponse(prior_set=prior_set_to_proto(finished.result()))
         finally:
-            ticket.unsubscribe()
+            # A cancelled call leaves its last read and the result pending: drop both, or their
+            # "never retrieved" warnings fire later, from inside whatever runs at that moment.
+            if next_progress is not None:
+                next_progress.cancel()
+            finished.cancel()
+            ticket.release()  # a cancelled caller may leave a set nobody waits for: it stops

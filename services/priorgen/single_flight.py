@@ -23,6 +23,29 @@ class Flight(Generic[R]):
     listeners: list[ProgressFn] = field(default_factory=list)
     progress: tuple[int, int] | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    waiting: int = 0  # callers attached and not yet released
+    abandoned: threading.Event = field(default_factory=threading.Event)  # the last one left early
+
+    def attach(self, listener: ProgressFn | None) -> Callable[[], None]:
+        """One more caller waits for this flight; the returned function releases it. When the last
+        caller is released before the flight ends (they all cancelled), `abandoned` is set: the
+        work stops at its next step instead of rendering a set nobody waits for."""
+        with self.lock:
+            self.waiting += 1
+        unsubscribe = self.subscribe(listener) if listener is not None else (lambda: None)
+        released = threading.Event()
+
+        def release() -> None:
+            if released.is_set():
+                return
+            released.set()
+            unsubscribe()
+            with self.lock:
+                self.waiting -= 1
+                if self.waiting == 0 and not self.future.done():
+                    self.abandoned.set()
+
+        return release
 
     def subscribe(self, listener: ProgressFn) -> Callable[[], None]:
         with self.lock:

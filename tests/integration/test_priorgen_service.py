@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+import time
 from typing import Any
 
 import grpc
@@ -186,3 +187,20 @@ def test_metrics_are_exported(priorgen_server: RunningPriorGen) -> None:
     assert samples["dreambooth_priorgen_batch_duration_seconds_count"] == 1
     assert samples["dreambooth_priorgen_sets_in_progress"] == 0
     assert any(name.startswith("dreambooth_priorgen_requests_total{") for name in samples)
+
+
+def test_a_cancelled_call_stops_the_set_nobody_else_waits_for(priorgen_server: RunningPriorGen) -> None:
+    """The trainer cancels its GeneratePriors call when a job is cancelled during priors; the set
+    it was waiting for then stops instead of rendering to the end (create-and-cancel used to
+    multiply priorgen's load)."""
+    call = priorgen_server.stub.GeneratePriors(priors_request(num_images=40, steps=20), timeout=300)
+    for response in call:
+        if response.HasField("progress") and response.progress.images_done >= 2:
+            break
+    call.cancel()
+    flights = priorgen_server.core._flights
+    deadline = time.monotonic() + 60
+    while flights.in_flight() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert flights.in_flight() == 0, "the set goes on rendering for nobody"
+    assert priorgen_server.metric("dreambooth_priorgen_images_generated_total") < 40

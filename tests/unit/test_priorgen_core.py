@@ -159,6 +159,42 @@ def test_close_stops_a_running_set_and_keeps_its_whole_images(
         core.start(request())
 
 
+def _images(store: LocalObjectStore) -> list[str]:
+    return [info.key for info in store.list("priors/") if "/images/" in info.key]
+
+
+def test_a_set_every_caller_cancelled_stops_and_keeps_its_whole_images(generator: PriorGenerator) -> None:
+    """A job cancelled during priors used to leave priorgen rendering its whole set."""
+    first_batch = threading.Event()
+    ticket = generator.start(
+        request(num_images=40, steps=20), lambda done, total: done >= 2 and first_batch.set()
+    )
+    assert first_batch.wait(120)
+    ticket.release()  # the only caller went away (its RPC was cancelled)
+    flight_done = threading.Event()
+    flights = generator._flights
+    deadline = 60.0
+    while flights.in_flight() and deadline > 0:
+        flight_done.wait(0.05)
+        deadline -= 0.05
+    assert flights.in_flight() == 0, "the abandoned set is still rendering"
+    store = generator._store
+    assert 2 <= len(_images(store)) < 40
+    assert not any(key.endswith("manifest.json") for key in (info.key for info in store.list("priors/")))
+    # Asked again, the set resumes from the images already stored.
+    result = generator.generate(request(num_images=40, steps=20))
+    assert result.count == 40 and result.generated < 40
+
+
+def test_a_set_goes_on_while_one_caller_still_waits(generator: PriorGenerator) -> None:
+    with generator._pipelines._lock:  # both callers attach before the generation starts
+        leaving = generator.start(request(num_images=4))
+        staying = generator.start(request(num_images=4))
+    leaving.release()
+    assert staying.future.result(timeout=120).count == 4
+    assert len(_images(generator._store)) == 4
+
+
 @pytest.mark.parametrize("scheduler", ["ddim", "euler_ancestral"])  # the second draws noise every step
 def test_batch_size_does_not_change_the_images(local_model_store: ModelStore, scheduler: str) -> None:
     store = local_model_store.store
