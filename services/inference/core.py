@@ -21,6 +21,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+from services.common.cost import check_cost, sampling_cost
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.model_store import ModelManifest, ModelStore, validate_model_id
 from services.inference.batcher import Batcher
@@ -41,40 +42,47 @@ WARM_UP_PROMPT = "a photo"
 
 
 class _Admission:
-    """Counts requests admitted and not yet sampling; refuses past `limit`."""
+    """Counts requests admitted and not yet sampling, and what they cost; refuses past `limit`
+    requests or `max_cost` megapixel-steps in the queue."""
 
-    def __init__(self, limit: int, metrics: InferenceMetrics) -> None:
+    def __init__(self, limit: int, max_cost: float, metrics: InferenceMetrics) -> None:
         self._limit = limit
+        self._max_cost = max_cost
         self._metrics = metrics
         self._lock = threading.Lock()
         self._count = 0
+        self._cost = 0.0
 
     @property
     def count(self) -> int:
         with self._lock:
             return self._count
 
-    def admit(self) -> _Ticket:
+    def admit(self, cost: float) -> _Ticket:
         with self._lock:
-            if self._count >= self._limit:
+            if self._count >= self._limit or self._cost + cost > self._max_cost:
                 raise ResourceExhausted(
-                    f"the server is busy ({self._count} requests waiting); retry with back-off"
+                    f"the server is busy ({self._count} requests, {self._cost:,.0f} megapixel-steps "
+                    "waiting); retry with back-off"
                 )
             self._count += 1
+            self._cost += cost
             self._metrics.queue_depth.set(self._count)
-        return _Ticket(self)
+        return _Ticket(self, cost)
 
-    def _release(self) -> None:
+    def _release(self, cost: float) -> None:
         with self._lock:
             self._count -= 1
+            self._cost -= cost
             self._metrics.queue_depth.set(self._count)
 
 
 class _Ticket:
     """One admitted request's place in the queue; released once, when it starts or ends."""
 
-    def __init__(self, admission: _Admission) -> None:
+    def __init__(self, admission: _Admission, cost: float) -> None:
         self._admission = admission
+        self._cost = cost
         self._lock = threading.Lock()
         self._held = True
 
@@ -83,7 +91,7 @@ class _Ticket:
             if not self._held:
                 return
             self._held = False
-        self._admission._release()
+        self._admission._release(self._cost)
 
 
 class InferenceCore:
@@ -108,7 +116,7 @@ class InferenceCore:
             max_wait_s=settings.max_wait_ms / 1000.0,
             workers=settings.workers,
         )
-        self._admission = _Admission(settings.max_queue, metrics)
+        self._admission = _Admission(settings.max_queue, settings.max_queued_cost, metrics)
 
     # ---- lifecycle ----------------------------------------------------------------------------
 
@@ -151,12 +159,12 @@ class InferenceCore:
     async def generate(self, params: GenerateParams) -> AsyncIterator[GenerateEvent]:
         arrived = time.monotonic()
         params = check_request(params, self.limits)  # no I/O: refused before anything is spent
-        ticket = self._admission.admit()
+        spec = await asyncio.to_thread(self.specs.get, params.model_id)  # NotFound; cached, no weights
+        params = with_seed(self._check_against(spec, params))
+        ticket = self._admission.admit(self._cost(params))  # past the queue's bounds: refused at once
         job: Job | None = None
         finished = False
         try:
-            spec = await asyncio.to_thread(self.specs.get, params.model_id)  # NotFound; no weights
-            params = with_seed(self._check_against(spec, params))
             model = await asyncio.to_thread(self.cache.get, spec)
             job = Job(params, model, asyncio.get_running_loop(), on_start=ticket.release)
             self.batcher.submit(job)
@@ -176,6 +184,14 @@ class InferenceCore:
             ticket.release()
             if job is not None and not finished:
                 job.cancel()  # its rows leave the batch at the next step
+
+    def _cost(self, params: GenerateParams) -> float:
+        """The request's cost (sizes resolved), checked against the per-request ceiling."""
+        cost = sampling_cost(
+            params.width, params.height, params.steps, params.num_images, params.guidance_scale
+        )
+        advice = "ask for fewer images, fewer steps or fewer pixels"
+        return check_cost(cost, self.settings.max_request_cost, "request", advice)
 
     def _check_against(self, spec: ModelSpec, params: GenerateParams) -> GenerateParams:
         return check_against_model(

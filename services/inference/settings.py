@@ -29,6 +29,10 @@ class InferenceSettings:
     max_batch: int = 8  # images per UNet call (x2 rows with guidance)
     max_wait_ms: float = 5.0  # how long an idle worker waits for companions of a request
     max_queue: int = 64  # requests admitted but not yet sampling; past it RESOURCE_EXHAUSTED
+    # Cost in megapixel-steps (services.common.cost). One request: 8 images of 512x512, 50 steps,
+    # with guidance. The queue: what 8 such requests cost.
+    max_request_cost: float = 210.0
+    max_queued_cost: float = 1680.0
     workers: int = 1  # sampling threads; one per accelerator (one uses every CPU core)
     # Loaded models (LRU); components shared with another loaded model count once.
     cache_max_models: int = 4

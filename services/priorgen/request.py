@@ -12,6 +12,7 @@ from typing import Any
 
 from dreambooth_client import vocabulary
 
+from services.common.cost import check_cost, sampling_cost
 from services.common.errors import InvalidArgument
 from services.common.model_store import parse_model_name
 from services.common.request_checks import check_guidance, check_scheduler, check_seed
@@ -79,6 +80,9 @@ def validate_request(request: PriorRequest, settings: PriorGenSettings) -> Prior
     if not 1 <= steps <= settings.max_steps:
         raise InvalidArgument("steps", f"must be in 1..{settings.max_steps}, got {steps}")
 
+    guidance = check_guidance(float(request.guidance_scale) or settings.default_guidance_scale)
+    cost = sampling_cost(resolution, resolution, steps, request.num_images, guidance)
+    check_cost(cost, settings.max_request_cost, "request", "ask for fewer images, steps or pixels")
     return PriorSpec(
         model_id=model_id,
         class_prompt=class_prompt,
@@ -86,7 +90,7 @@ def validate_request(request: PriorRequest, settings: PriorGenSettings) -> Prior
         num_images=request.num_images,
         resolution=resolution,
         steps=steps,
-        guidance_scale=check_guidance(float(request.guidance_scale) or settings.default_guidance_scale),
+        guidance_scale=guidance,
         scheduler=check_scheduler(request.scheduler),
         seed=check_seed(request.seed),
     )

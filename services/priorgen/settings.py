@@ -30,6 +30,9 @@ class PriorGenSettings:
     # Guidance bounds are the vocabulary's; SCHEDULER_UNSPECIFIED is its default (DDIM), no setting.
     default_guidance_scale: float = vocabulary.DEFAULT_GUIDANCE
     max_images: int = 1000
+    # One set's cost in megapixel-steps (services.common.cost): 1000 images of 512x512 at 30 steps
+    # with guidance. A 1000-image set at 1024x1024 and 150 steps (20x that) is refused.
+    max_request_cost: float = 16_000.0
     max_resolution: int = 1024
     max_steps: int = 150
     max_prompt_chars: int = 1000

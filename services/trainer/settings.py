@@ -44,6 +44,9 @@ class SpecLimits:
     max_batch_size: int = 64
     max_gradient_accumulation_steps: int = 128
     max_lora_rank: int = 256
+    # A job's cost in megapixel-steps (services.common.cost): 20,000 steps at 512x512 with prior
+    # preservation fit; a batch of 64 at 1024x1024 for 20,000 steps (x250) does not.
+    max_job_cost: float = 50_000.0
 
 
 @dataclasses.dataclass(frozen=True)

@@ -187,6 +187,26 @@ def test_past_the_queue_bound_requests_are_refused_at_once(
     assert len(final_images(server.generate(steps=2))) == 1
 
 
+def test_the_queue_is_bounded_by_the_cost_it_holds(start_inference: Callable[..., RunningInference]) -> None:
+    """Two cheap requests may wait where one expensive one may not: the bound is the work."""
+    server = start_inference(max_queue=64, max_queued_cost=25.0, max_wait_ms=0, workers=1)
+    slow = server.request(steps=150, width=256, height=256, seed=1)  # 19.7 megapixel-steps
+    running = server.stub.Generate(slow, timeout=DEADLINE_S)
+    assert next(running).progress.step == 1  # sampling: no longer in the queue
+    waiting = server.stub.Generate(slow, timeout=DEADLINE_S)
+    consumer = threading.Thread(target=lambda: list(_quietly(waiting)), daemon=True)
+    consumer.start()
+    wait_for(lambda: server.core.queue_depth == 1, "the second request to wait")
+    with pytest.raises(grpc.RpcError) as caught:
+        server.generate(steps=150, width=256, height=256)  # 19.7 more: over 25
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "megapixel-steps" in (caught.value.details() or "")
+    running.cancel()
+    waiting.cancel()
+    consumer.join(DEADLINE_S)
+    wait_for(lambda: server.core.queue_depth == 0, "the queue to drain")
+
+
 def _quietly(call: Any) -> list[Any]:
     try:
         return list(call)
@@ -214,6 +234,12 @@ BAD_INPUTS: list[tuple[dict[str, Any], grpc.StatusCode, str]] = [
     ({"prompt": "   "}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"prompt": " ".join(["dog"] * 100)}, grpc.StatusCode.INVALID_ARGUMENT, "prompt"),
     ({"negative_prompt": " ".join(["cat"] * 100)}, grpc.StatusCode.INVALID_ARGUMENT, "negative_prompt"),
+    # One request may not hold the worker for hours: 8 x 150 steps x 1024^2 with guidance.
+    (
+        {"num_images": 8, "steps": 150, "width": 1024, "height": 1024},
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "megapixel-steps; the limit per request is 210",
+    ),
     ({"model": "tiny-sd"}, grpc.StatusCode.INVALID_ARGUMENT, "model"),
     ({"model": ""}, grpc.StatusCode.INVALID_ARGUMENT, "model"),
     ({"model": "models/Not Valid"}, grpc.StatusCode.INVALID_ARGUMENT, "model"),

@@ -106,6 +106,7 @@ def test_the_model_digest_and_compute_width_change_the_key_but_not_the_model_id(
         ({"scheduler": ""}, "scheduler"),
         ({"seed": -1}, "seed"),
         ({"seed": 2**32}, "seed"),  # uint32 seeds in every service
+        ({"num_images": 1000, "resolution": 1024, "steps": 150}, "request"),  # over the cost ceiling
     ],
 )
 def test_bad_fields_are_refused_by_name(fields: dict[str, object], field: str) -> None:

@@ -150,6 +150,8 @@ BAD_FIELDS = [
     ({"validation_steps": 5}, "spec.validation_steps"),
     ({"lora_rank": 1000, "use_lora": True}, "spec.lora_rank"),
     ({"model_id": "Not Valid!"}, "spec.model_id"),
+    ({"max_train_steps": 20_000, "train_batch_size": 64, "resolution": 1024}, "spec"),  # the cost ceiling
+    ({"prior_loss_weight": 0.0}, "spec.prior_loss_weight"),  # was silently 1.0
 ]
 
 

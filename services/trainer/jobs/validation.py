@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from services.common.cost import check_cost, training_cost
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.model_store import ModelStore, blob_key, parse_model_name, validate_model_id
 from services.trainer.dataset_layout import parse_dataset_name
@@ -131,6 +132,12 @@ def validate_spec(
     if values["resolution"] is None:
         row = FIELDS_BY_NAME["resolution"]
         values["resolution"] = check_field(row, base.default_resolution or row.default, limits, use_lora)
+    examples = values["train_batch_size"] * values["gradient_accumulation_steps"] * values["num_workers"]
+    examples *= 2 if values["with_prior_preservation"] else 1
+    cost = training_cost(
+        values["resolution"], values["max_train_steps"], examples, text_encoder=values["train_text_encoder"]
+    )
+    check_cost(cost, limits.max_job_cost, "spec", "fewer steps, a smaller batch or a lower resolution")
     if not datasets.exists(values["dataset"]):
         raise NotFound(
             "spec.dataset", f"spec.dataset: dataset {request.dataset!r} not found (upload it first)"
