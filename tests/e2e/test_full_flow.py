@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 
 import grpc
-import pytest
 from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2
 from PIL import Image
 
@@ -17,7 +16,6 @@ from tests.fixtures.trainer_server import RunningTrainer, make_png, tiny_spec
 S = trainer_pb2
 
 
-@pytest.mark.slow
 def test_upload_train_with_priors_then_generate(
     trainer_server: RunningTrainer, inference_server, model_store: ModelStore
 ) -> None:

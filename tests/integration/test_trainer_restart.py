@@ -108,12 +108,18 @@ class TrainerProcess:
     def log_tail(self) -> str:
         return self.log_file.read_text(errors="replace")[-4000:]
 
-    def kill_hard(self) -> None:
+    def kill_hard(self, orphans_deadline_s: float = 30.0) -> list[int]:
+        """kill -9 of the trainer alone; returns what of its session outlived it past the
+        deadline (its local Ray must die with it), then cleans that up."""
         self.channel.close()
         with contextlib.suppress(ProcessLookupError):
             self.process.kill()  # kill -9: no shutdown code runs
         self.process.wait(30)
+        deadline = time.monotonic() + orphans_deadline_s
+        while (left := session_members(self.process.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
         kill_session(self.process.pid)
+        return left
 
     def stop(self) -> None:
         """SIGTERM (graceful), then make sure nothing of its session is left."""
@@ -171,8 +177,10 @@ def start_process(trainer_env: dict[str, str], tmp_path: Path) -> Iterator:
         process.stop()
 
 
-@pytest.mark.slow
 def test_killed_trainer_resumes_the_job_from_its_checkpoint(start_process) -> None:
+    """kill -9 mid-job: nothing of the trainer's local Ray outlives it (its workers used to go on
+    training and writing checkpoints, ~180 MB of orphans), and a new trainer resumes the job from
+    its newest checkpoint."""
     first = start_process()
     first.wait_serving()
     dataset = first.stub.UploadImages(upload_requests([make_png(s) for s in range(3)]), timeout=60).dataset
@@ -182,8 +190,8 @@ def test_killed_trainer_resumes_the_job_from_its_checkpoint(start_process) -> No
         class_prompt="a photo of dog",
         num_class_images=2,
         prior_steps=4,
-        max_train_steps=120,
-        checkpointing_steps=20,
+        max_train_steps=40,
+        checkpointing_steps=10,
     )
     job = first.stub.CreateTrainingJob(
         S.CreateTrainingJobRequest(spec=spec, request_id="restart-1"), timeout=60
@@ -193,14 +201,13 @@ def test_killed_trainer_resumes_the_job_from_its_checkpoint(start_process) -> No
     # Kill -9 once a checkpoint is in the store and training has gone past it.
     before = first.wait_for(
         name,
-        lambda j: j.checkpoint_step >= 20 and j.progress.step > j.checkpoint_step,
+        lambda j: j.checkpoint_step >= 10 and j.progress.step > j.checkpoint_step,
         "a checkpoint",
         timeout=300,
     )
-    assert before.state == S.TRAINING_JOB_STATE_TRAINING and before.progress.step < 120
+    assert before.state == S.TRAINING_JOB_STATE_TRAINING and before.progress.step < 40
     assert len(session_members(first.process.pid)) > 1  # its local Ray lives in its session
-    first.kill_hard()
-    assert session_members(first.process.pid) == []
+    assert first.kill_hard() == [], "processes outlived the killed trainer"
 
     second = start_process()
     second.wait_serving()
@@ -215,7 +222,7 @@ def test_killed_trainer_resumes_the_job_from_its_checkpoint(start_process) -> No
     events = list(second.stub.WatchTrainingJob(S.WatchTrainingJobRequest(name=name), timeout=600))
     done = events[-1].state_change
     assert done.state == S.TRAINING_JOB_STATE_SUCCEEDED, done.error_message
-    assert done.progress.step == 120 and done.model == f"models/{done.spec.model_id}"
+    assert done.progress.step == 40 and done.model == f"models/{done.spec.model_id}"
 
     # After the recovery (TRAINING -> QUEUED), training continued from the checkpoint, not step 1.
     kinds = [event.WhichOneof("event") for event in events]
@@ -227,5 +234,5 @@ def test_killed_trainer_resumes_the_job_from_its_checkpoint(start_process) -> No
     )
     resumed_steps = [e.progress.step for e in events[requeued:] if e.WhichOneof("event") == "progress"]
     assert resumed_steps, "no progress after the restart"
-    assert resumed_steps[0] > before.checkpoint_step >= 20, resumed_steps[:5]
-    assert resumed_steps[-1] == 120
+    assert resumed_steps[0] > before.checkpoint_step >= 10, resumed_steps[:5]
+    assert resumed_steps[-1] == 40

@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
 import threading
+
+from services.trainer.driver.reaper import start_reaper, stop_reaper
 
 LOCAL = "local"
 
@@ -26,6 +29,7 @@ OFFLINE_ENV = {
 
 _lock = threading.Lock()
 _started_local = False  # this process started the local Ray it is connected to
+_reaper: subprocess.Popen[bytes] | None = None  # kills that Ray if this process is killed -9
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +45,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
     (`num_cpus` logical CPUs, default: all). Anything else connects to that cluster, e.g.
     "ray://head:10001" or "auto" (what RAY_ADDRESS holds under KubeRay).
     """
-    global _started_local
+    global _started_local, _reaper
     if address in (None, "", LOCAL):
         apply_offline_env()  # before Ray reads its constants, when this is the first import of ray
     import ray
@@ -62,6 +66,7 @@ def connect_ray(address: str | None = None, *, num_cpus: int | None = None) -> N
                 configure_logging=False,
             )
             _started_local = True
+            _reaper = start_reaper()
             log.info("started local Ray with %s CPUs", ray.cluster_resources().get("CPU"))
         else:
             os.environ.setdefault(
@@ -78,10 +83,13 @@ def is_local() -> bool:
 
 def disconnect_ray() -> None:
     """Shut down the Ray this process started or joined (only its own processes)."""
-    global _started_local
+    global _started_local, _reaper
     import ray
 
     with _lock:
         if ray.is_initialized():
             ray.shutdown()
         _started_local = False
+        if _reaper is not None:
+            stop_reaper(_reaper)
+            _reaper = None

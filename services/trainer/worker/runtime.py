@@ -145,13 +145,22 @@ class RayRuntime(Runtime):
         ready, _ = ray.wait([self._pending_cancel], timeout=0)
         if not ready:
             return False
-        flag, self._pending_cancel = bool(ray.get(self._pending_cancel)), None
-        return flag
+        pending, self._pending_cancel = self._pending_cancel, None
+        return self._read_cancel(pending)
 
     def cancel_requested(self) -> bool:
+        return self._read_cancel(self.channel.cancelled.remote()) if self.is_chief else False
+
+    @staticmethod
+    def _read_cancel(ref: Any) -> bool:
+        """The driver's cancel flag. A channel that is gone means the driver died (its actors
+        die with it): stop as for a cancel, so no worker trains or writes for nobody."""
         import ray
 
-        return bool(ray.get(self.channel.cancelled.remote())) if self.is_chief else False
+        try:
+            return bool(ray.get(ref))
+        except Exception:  # RayActorError, OwnerDiedError, ...: the driver is gone
+            return True
 
     def prepare_model(self, module: torch.nn.Module) -> torch.nn.Module:
         import ray.train.torch
