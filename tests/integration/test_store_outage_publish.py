@@ -32,12 +32,14 @@ def private_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
             os.kill(server.pid, signal.SIGCONT)  # never leave it stopped
 
 
-def _store(server: S3Server, max_total: float) -> S3ObjectStore:
+def _store(server: S3Server, max_total: float, bucket: str) -> S3ObjectStore:
+    """Each test its own bucket: blobs are content-addressed, so a second publish of the same
+    model into one bucket would upload nothing."""
     return S3ObjectStore(
         server.endpoint,
         server.access_key,
         server.secret_key,
-        "outage",
+        bucket,
         retry=RetryPolicy(max_attempts=20, initial_backoff=0.2, max_backoff=1.0, max_total=max_total),
         connect_timeout=1.0,
         read_timeout=1.5,
@@ -70,24 +72,24 @@ class PausingStore:
 def test_a_short_outage_mid_publish_is_retried_and_the_model_appears_whole(
     private_s3: S3Server, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    store = PausingStore(_store(private_s3, max_total=60.0), private_s3.pid, pause_s=4.0)
+    store = PausingStore(_store(private_s3, 60.0, "short"), private_s3.pid, pause_s=4.0)
     models = ModelStore(store, tmp_path / "cache")  # type: ignore[arg-type]
     models.import_folder(tiny_model_dir, "survivor")
     assert store.resumed.is_set()  # the outage really happened during the publish
-    folder = ModelStore(_store(private_s3, 10.0), tmp_path / "cache-2").materialize("survivor")
+    folder = ModelStore(_store(private_s3, 10.0, "short"), tmp_path / "cache-2").materialize("survivor")
     assert (folder / "model_index.json").is_file()  # every digest verified on the way
 
 
 def test_a_long_outage_fails_clearly_and_leaves_no_model(
     private_s3: S3Server, tiny_model_dir: Path, tmp_path: Path
 ) -> None:
-    store = PausingStore(_store(private_s3, max_total=3.0), private_s3.pid, pause_s=12.0)
+    store = PausingStore(_store(private_s3, 3.0, "long"), private_s3.pid, pause_s=12.0)
     models = ModelStore(store, tmp_path / "cache")  # type: ignore[arg-type]
     with pytest.raises(Unavailable) as info:
         models.import_folder(tiny_model_dir, "casualty")
     assert private_s3.endpoint in str(info.value)
     assert store.resumed.wait(30)
-    healthy = ModelStore(_store(private_s3, 30.0), tmp_path / "cache-2")
+    healthy = ModelStore(_store(private_s3, 30.0, "long"), tmp_path / "cache-2")
     assert not healthy.exists("casualty")  # never half-visible: no manifest, no model
     with pytest.raises(NotFound):
         healthy.get("casualty")
