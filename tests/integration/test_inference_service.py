@@ -408,3 +408,41 @@ def test_metrics_are_exported_and_promtool_clean(inference_server: RunningInfere
         [promtool, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def test_four_times_the_queue_capacity_is_refused_at_once_and_the_server_stays_healthy(
+    start_inference: Callable[..., RunningInference],
+) -> None:
+    """16 concurrent requests on a queue of 4 (one worker): those past the bound get an instant
+    RESOURCE_EXHAUSTED, every admitted one finishes, health stays SERVING, memory stays bounded."""
+    server = start_inference(max_queue=4, workers=1, max_wait_ms=0, max_batch=1)
+    rss_before = _rss_mb()
+    request = server.request(steps=30, seed=5)
+
+    def one() -> tuple[str, float]:
+        started = time.monotonic()
+        try:
+            list(server.stub.Generate(request, timeout=DEADLINE_S))
+            return "OK", time.monotonic() - started
+        except grpc.RpcError as err:
+            return err.code().name, time.monotonic() - started
+
+    with ThreadPoolExecutor(16) as pool:
+        futures = [pool.submit(one) for _ in range(16)]
+        serving_under_load = server.serving_status() == health_pb2.HealthCheckResponse.SERVING
+        outcomes = [future.result() for future in futures]
+    refused = [seconds for code, seconds in outcomes if code == "RESOURCE_EXHAUSTED"]
+    done = [code for code, _ in outcomes if code == "OK"]
+    assert refused and len(refused) + len(done) == 16, outcomes
+    assert max(refused) < 2.0, refused  # refused at once, not after waiting
+    assert serving_under_load and server.serving_status() == health_pb2.HealthCheckResponse.SERVING
+    assert _rss_mb() - rss_before < 300
+    assert len(final_images(server.generate(steps=2))) == 1
