@@ -13,7 +13,7 @@ from services.common.model_store import ModelStore
 from services.common.namespaced_store import NamespacedStore, scoped_store
 from services.common.settings import StoreSettings
 from services.common.store_factory import open_store
-from services.common.usage import stored_bytes
+from services.common.usage import IMAGES_GENERATED, TenantLabels, UsageLedger, ledger_total, stored_bytes
 from services.trainer.job_spec import JobSpec
 from services.trainer.jobs.datasets import DatasetStore
 from services.trainer.jobs.records import JobRepository
@@ -123,3 +123,24 @@ def test_job_records_live_and_load_per_tenant(tmp_path: Path) -> None:
     assert {job.job_id for job in reloaded.load(("acme", "beta"))} == {mine.job_id, theirs.job_id, old.job_id}
     assert {job.job_id for job in JobRepository(root).load()} == {old.job_id}  # beta's are not loaded unasked
     assert reloaded.find_by_request("r-1", "f", "acme") == repo.get(mine.job_id)
+
+
+def test_usage_ledgers_add_up_over_replicas_and_restarts(tmp_path: Path) -> None:
+    root = LocalObjectStore(tmp_path / "store")
+    first, second = UsageLedger(root, "inference"), UsageLedger(root, "inference")
+    first.add("acme", IMAGES_GENERATED, 3)
+    second.add("acme", IMAGES_GENERATED, 2)
+    second.add("beta", IMAGES_GENERATED, 7)
+    first.flush()
+    second.close()  # a replica that stops writes what it counted
+    restarted = UsageLedger(root, "inference")  # a new process: a new object, nothing overwritten
+    restarted.add("acme", IMAGES_GENERATED, 1)
+    restarted.flush()
+    assert ledger_total(root, "acme", IMAGES_GENERATED) == 6
+    assert ledger_total(root, "beta", IMAGES_GENERATED) == 7 and ledger_total(root, "", IMAGES_GENERATED) == 0
+    assert all(info.key.startswith(("tenants/acme/usage/", "tenants/beta/usage/")) for info in root.list(""))
+
+
+def test_tenant_labels_are_bounded() -> None:
+    labels = TenantLabels(limit=2)
+    assert [labels(name) for name in ("a", "b", "c", "a", "d")] == ["a", "b", "other", "a", "other"]
