@@ -1,7 +1,8 @@
 """`dreambooth-server`: one command for every server-side entry point.
 
 Subcommands are imported lazily so `dreambooth-server make-tiny-model` never imports Ray and
-`dreambooth-server inference` never imports the trainer.
+`dreambooth-server inference` never imports the trainer. A service that must not start (a bad
+keys file, a public address without authentication) says why in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("services.common.tiny_model_cli", "build a tiny Stable Diffusion from a seed"),
     "import-model": ("services.common.model_store_cli", "import a diffusers folder as a base model"),
+    "keys": ("services.common.keys_cli", "add, list and revoke API keys in the keys file"),
     "inference": ("services.inference.main", "run the inference gRPC service"),
     "priorgen": ("services.priorgen.main", "run the prior-generation gRPC service"),
     "trainer": ("services.trainer.main", "run the trainer gRPC service"),
@@ -30,8 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help") or args[0] not in COMMANDS:
         print(usage(), file=sys.stderr if args and args[0] not in ("-h", "--help") else sys.stdout)
         return 0 if args and args[0] in ("-h", "--help") else 2
+    from services.common.settings import ConfigError
+
     module = importlib.import_module(COMMANDS[args[0]][0])
-    return int(module.main(args[1:]) or 0)
+    try:
+        return int(module.main(args[1:]) or 0)
+    except ConfigError as err:
+        print(f"dreambooth-server {args[0]}: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

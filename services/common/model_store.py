@@ -15,6 +15,10 @@ DataCorruption naming the file, and no half-built folder is ever visible. Folder
 hard links: treat them as read-only (write a new folder, never edit one in place).
 
 Only safetensors weights are accepted: a pickle-based weight file anywhere in a folder is refused.
+
+Tenants: a ModelStore over a tenant's view of the store (NamespacedStore, `for_tenant`) holds the
+tenant's own manifests and also sees the shared base models (kind "base" at the root's models/);
+its own model wins when both have an id. Blobs are one shared pool either way.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from services.common.errors import AlreadyExists, DataCorruption, InvalidArgument, NotFound
+from services.common.namespaced_store import NamespacedStore, scoped_store
 from services.common.object_store import ObjectStore, validate_key
 
 log = logging.getLogger(__name__)
@@ -165,9 +170,17 @@ class ModelStore:
     def __init__(self, store: ObjectStore, cache_dir: Path) -> None:
         self.store = store
         self.cache_dir = Path(cache_dir)
+        # A tenant's view also sees the shared base models, which live at the root.
+        self.shared = ModelStore(store.root, cache_dir) if isinstance(store, NamespacedStore) else None
 
     def __repr__(self) -> str:
         return f"ModelStore({self.store!r}, cache_dir={str(self.cache_dir)!r})"
+
+    def for_tenant(self, tenant_name: str) -> ModelStore:
+        """Tenant `tenant_name`'s models plus the shared bases (self for the implicit tenant)."""
+        if self.shared is not None:
+            raise ValueError("for_tenant() is asked of the root model store")
+        return self if not tenant_name else ModelStore(scoped_store(self.store, tenant_name), self.cache_dir)
 
     # Publishing
 
@@ -237,6 +250,15 @@ class ModelStore:
     def get(self, model_id: str) -> ModelManifest:
         validate_model_id(model_id)
         try:
+            return self._read_own(model_id)
+        except NotFound:
+            shared = self._shared_base(model_id)
+            if shared is not None:
+                return shared
+            raise
+
+    def _read_own(self, model_id: str) -> ModelManifest:
+        try:
             raw = self.store.get_bytes(manifest_key(model_id))
         except NotFound as err:
             raise NotFound(f"models/{model_id}", f"model {model_id!r} not found") from err
@@ -248,7 +270,21 @@ class ModelStore:
 
     def exists(self, model_id: str) -> bool:
         validate_model_id(model_id)
+        return self.owns(model_id) or self._shared_base(model_id) is not None
+
+    def owns(self, model_id: str) -> bool:
+        """Whether the model is this store's own (not a shared base seen from a tenant's view)."""
+        validate_model_id(model_id)
         return self.store.exists(manifest_key(model_id))
+
+    def _shared_base(self, model_id: str) -> ModelManifest | None:
+        if self.shared is None:
+            return None
+        try:
+            manifest = self.shared.get(model_id)
+        except NotFound:
+            return None
+        return manifest if manifest.kind == "base" else None  # only bases are shared
 
     def published_by(self, model_id: str, training_job: str) -> bool:
         """The one rule for "is this job's model already there?": False when no model has the id,
@@ -264,27 +300,37 @@ class ModelStore:
         )
 
     def list(self) -> list[ModelManifest]:
-        """Every published model, sorted by id. Models with a malformed manifest are skipped."""
+        """Every published model, sorted by id (with the shared bases, seen from a tenant's view).
+        Models with a malformed manifest are skipped."""
+        manifests = {m.model_id: m for m in self.own_models()}
+        if self.shared is not None:
+            for manifest in self.shared.list():
+                if manifest.kind == "base":
+                    manifests.setdefault(manifest.model_id, manifest)
+        return sorted(manifests.values(), key=lambda m: m.model_id)
+
+    def own_models(self) -> list[ModelManifest]:
+        """This store's own models (without the shared bases a tenant's view also sees)."""
         manifests = []
         for info in self.store.list("models/"):
             parts = info.key.split("/")
             if len(parts) != 3 or parts[2] != _MANIFEST_NAME or not _MODEL_ID.match(parts[1]):
                 continue
             try:
-                manifests.append(self.get(parts[1]))
+                manifests.append(self._read_own(parts[1]))
             except NotFound:  # deleted while we listed
                 continue
             except DataCorruption as err:
                 log.warning("skipping model %s: %s", parts[1], err)
-        return sorted(manifests, key=lambda m: m.model_id)
+        return manifests
 
     def delete(self, model_id: str) -> None:
         """Unpublish: the manifest goes first (the model stops existing), then its other keys.
 
-        Blobs stay: other models may share them.
+        Blobs stay: other models may share them. A tenant deletes only its own models.
         """
         validate_model_id(model_id)
-        if not self.exists(model_id):
+        if not self.owns(model_id):
             raise NotFound(f"models/{model_id}", f"model {model_id!r} not found")
         self.store.delete(manifest_key(model_id))
         self.store.delete_prefix(f"models/{model_id}/")
@@ -293,7 +339,11 @@ class ModelStore:
 
     def materialize(self, model_id: str) -> Path:
         """A local folder with the model's files, every sha256 verified. Cached by digest."""
-        manifest = self.get(model_id)
+        return self.materialize_manifest(self.get(model_id))
+
+    def materialize_manifest(self, manifest: ModelManifest) -> Path:
+        """materialize() of a manifest already read (blobs only: any tenant's view will do)."""
+        model_id = manifest.model_id
         models_dir = self.cache_dir / "models"
         target = models_dir / manifest.digest
         if target.is_dir():

@@ -1,6 +1,6 @@
 """The one way every service starts its gRPC aio server.
 
-    app = GrpcServerApp("inference", settings.server)
+    app = GrpcServerApp("inference", settings.server, auth=open_authenticator(...))
     app.add_service(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
                     "dreambooth.v1.InferenceService")
     await app.start()                # health NOT_SERVING, reflection, interceptor, metrics HTTP
@@ -28,6 +28,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry, start_http_server
 
+from services.common.auth import Authenticator, AuthInterceptor
 from services.common.interceptors import ErrorMappingMetricsInterceptor
 from services.common.metrics import MetricFactory, RequestMetrics, metric_namespace
 from services.common.reflection_v1 import enable_reflection
@@ -44,8 +45,10 @@ _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 class GrpcServerApp:
     """A grpc.aio server with health, reflection, the error/metrics interceptor and metrics HTTP.
 
-    `interceptors` run inside the error/metrics interceptor, so a DomainError they raise (e.g.
-    Unauthenticated from an auth interceptor) is mapped and counted like any other.
+    Every RPC but health and reflection is authenticated by `auth` (services/common/auth.py;
+    None = no keys file: the one implicit tenant). The auth interceptor and `interceptors` run
+    inside the error/metrics interceptor, so a DomainError they raise (Unauthenticated) is mapped
+    and counted like any other.
     """
 
     def __init__(
@@ -54,6 +57,7 @@ class GrpcServerApp:
         settings: ServerSettings,
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        auth: Authenticator | None = None,
     ) -> None:
         self.service_name = service_name
         self.settings = settings
@@ -61,7 +65,8 @@ class GrpcServerApp:
         self.metrics_namespace = metric_namespace(service_name)
         self.metrics = MetricFactory(self.registry, self.metrics_namespace)
         self.request_metrics = RequestMetrics.create(self.registry, self.metrics_namespace)
-        self._extra_interceptors = tuple(interceptors)
+        self.auth = auth or Authenticator()
+        self._extra_interceptors = (AuthInterceptor(self.auth), *interceptors)
         self._services: list[tuple[AddServicerFn, Any, str]] = []
         self._server: grpc.aio.Server | None = None
         self._health: health.aio.HealthServicer | None = None
@@ -104,6 +109,8 @@ class GrpcServerApp:
                 "service": self.service_name,
                 "address": f"{self.settings.host}:{self._port}",
                 "tls": tls,
+                "mtls": tls and bool(self.settings.tls_client_ca_file),
+                "api_keys": self.auth.enabled,
                 "metrics_address": f"{self.settings.metrics_host}:{self.metrics_port}",
             },
         )
@@ -146,12 +153,19 @@ class GrpcServerApp:
         cert, key = self.settings.tls_cert_file, self.settings.tls_key_file
         if bool(cert) != bool(key):
             raise ValueError("TLS needs both tls_cert_file and tls_key_file (or neither)")
+        if self.settings.tls_client_ca_file and not cert:
+            raise ValueError("tls_client_ca_file (mTLS) needs TLS: set tls_cert_file and tls_key_file")
         return bool(cert)
 
     def _server_credentials(self) -> grpc.ServerCredentials:
         key = Path(self.settings.tls_key_file).read_bytes()
         cert = Path(self.settings.tls_cert_file).read_bytes()
-        return grpc.ssl_server_credentials([(key, cert)])
+        if not self.settings.tls_client_ca_file:
+            return grpc.ssl_server_credentials([(key, cert)])
+        client_ca = Path(self.settings.tls_client_ca_file).read_bytes()
+        return grpc.ssl_server_credentials(
+            [(key, cert)], root_certificates=client_ca, require_client_auth=True
+        )
 
     def _start_metrics_http(self) -> None:
         httpd, thread = start_http_server(

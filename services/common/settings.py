@@ -17,6 +17,10 @@ T = TypeVar("T")
 PREFIX = "DREAMBOOTH_"
 
 
+class ConfigError(ValueError):
+    """A setting the service cannot start with; the message is one line saying which and why."""
+
+
 @dataclasses.dataclass(frozen=True)
 class StoreSettings:
     """Where state lives. An empty `s3_endpoint` means the embedded local-directory store."""
@@ -29,6 +33,17 @@ class StoreSettings:
     s3_region: str = "us-east-1"
     store_dir: str = "./data/store"  # root of the local-directory store
     cache_dir: str = "./data/cache"  # local cache of materialised models (keyed by digest)
+    # The tenant prefix a job's Ray workers open the store under (set per job by the trainer,
+    # never from the environment): "" is the root. See services/common/tenancy.py.
+    namespace: str = dataclasses.field(default="", metadata={"env": False})
+
+
+@dataclasses.dataclass(frozen=True)
+class AuthSettings:
+    """Who may call the services; shared by all of them (DREAMBOOTH_API_KEYS_FILE, ...)."""
+
+    api_keys_file: str = ""  # TOML of tenants and hashed keys; "" = one implicit tenant, no keys
+    allow_unauthenticated: bool = False  # serve a non-loopback address without keys or mTLS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +57,7 @@ class ServerSettings:
     grace_seconds: float = 10.0  # graceful-shutdown grace after SIGTERM
     tls_cert_file: str = ""  # PEM; TLS is on when both cert and key are set
     tls_key_file: str = ""
+    tls_client_ca_file: str = ""  # PEM; when set (with TLS), clients must present a cert it signed
     max_message_bytes: int = 16 * 1024 * 1024
 
 
@@ -67,8 +83,8 @@ def from_env(cls: type[T], prefix: str = PREFIX, env: Mapping[str, str] | None =
     """Build `cls` from `{prefix}{FIELD}` variables over its defaults.
 
     A nested ServerSettings reads the same prefix (DREAMBOOTH_INFERENCE_PORT sets
-    `InferenceSettings.server.port`); a nested StoreSettings reads the global one
-    (DREAMBOOTH_S3_ENDPOINT), since every service shares the store.
+    `InferenceSettings.server.port`); a nested StoreSettings or AuthSettings reads the global one
+    (DREAMBOOTH_S3_ENDPOINT, DREAMBOOTH_API_KEYS_FILE), since every service shares them.
     """
     return _overlay(cls(), prefix, os.environ if env is None else env)
 
@@ -79,8 +95,10 @@ def _overlay(base: T, prefix: str, env: Mapping[str, str]) -> T:
     for field in dataclasses.fields(base):  # type: ignore[arg-type]
         target = hints[field.name]
         if dataclasses.is_dataclass(target):
-            nested_prefix = PREFIX if target is StoreSettings else prefix
+            nested_prefix = PREFIX if target in (StoreSettings, AuthSettings) else prefix
             values[field.name] = _overlay(getattr(base, field.name), nested_prefix, env)
+            continue
+        if not field.metadata.get("env", True):
             continue
         name = f"{prefix}{field.name.upper()}"
         if name in env:

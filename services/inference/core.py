@@ -8,6 +8,10 @@
 A request is validated completely (model existence, sizes, prompt tokens) before any model is
 loaded; admission bounds the requests waiting for a batch (past it ResourceExhausted at once);
 torch runs only in the batcher's worker threads, never on the event loop.
+
+Every call is made for a tenant, which sees and samples only its own models and the shared bases
+(model specs are looked up through its view; loaded weights are shared by digest), within its
+quota of concurrent streams; its final images count towards its usage.
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ from pathlib import Path
 from services.common.cost import check_cost, sampling_cost
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.model_store import ModelManifest, ModelStore, validate_model_id
+from services.common.tenancy import IMPLICIT_TENANT, Tenant
+from services.common.usage import UsageLedger
 from services.inference.batcher import Batcher
 from services.inference.job import Job
 from services.inference.metrics import InferenceMetrics
@@ -32,6 +38,7 @@ from services.inference.model_specs import ModelSpec, ModelSpecs
 from services.inference.params import FinalImage, GenerateEvent, GenerateParams
 from services.inference.sampler import Sampler
 from services.inference.settings import InferenceSettings
+from services.inference.tenant_accounting import TenantAccounting
 from services.inference.validation import RequestLimits, check_against_model, check_request, with_seed
 
 log = logging.getLogger(__name__)
@@ -95,12 +102,21 @@ class _Ticket:
 
 
 class InferenceCore:
-    def __init__(self, settings: InferenceSettings, models: ModelStore, metrics: InferenceMetrics) -> None:
+    def __init__(
+        self,
+        settings: InferenceSettings,
+        models: ModelStore,
+        metrics: InferenceMetrics,
+        usage: UsageLedger | None = None,
+    ) -> None:
         self.settings = settings
         self.models = models
         self.metrics = metrics
         self.limits = RequestLimits(settings.max_width, settings.max_height, settings.max_prompt_chars)
-        self.specs = ModelSpecs(models, Path(settings.store.cache_dir))
+        self.specs = ModelSpecs(models, Path(settings.store.cache_dir))  # the implicit tenant's
+        self._tenant_specs: dict[str, ModelSpecs] = {}
+        self._specs_lock = threading.Lock()
+        self.accounting = TenantAccounting(metrics, usage)
         self.cache = ModelCache(
             models,
             max_models=settings.cache_max_models,
@@ -156,10 +172,36 @@ class InferenceCore:
 
     # ---- Generate -----------------------------------------------------------------------------
 
-    async def generate(self, params: GenerateParams) -> AsyncIterator[GenerateEvent]:
-        arrived = time.monotonic()
+    def specs_for(self, tenant: Tenant) -> ModelSpecs:
+        """Model specs as `tenant` sees the store: its models and the shared bases."""
+        if tenant.implicit:
+            return self.specs
+        with self._specs_lock:
+            specs = self._tenant_specs.get(tenant.name)
+            if specs is None:
+                models = self.models.for_tenant(tenant.name)
+                specs = self._tenant_specs[tenant.name] = ModelSpecs(
+                    models, Path(self.settings.store.cache_dir)
+                )
+            return specs
+
+    async def generate(
+        self, params: GenerateParams, tenant: Tenant = IMPLICIT_TENANT
+    ) -> AsyncIterator[GenerateEvent]:
         params = check_request(params, self.limits)  # no I/O: refused before anything is spent
-        spec = await asyncio.to_thread(self.specs.get, params.model_id)  # NotFound; cached, no weights
+        with self.accounting.stream(tenant):  # the tenant's quota of streams, before the queue's
+            events = self._generate(params, tenant)
+            try:
+                async for event in events:
+                    if isinstance(event, FinalImage):
+                        self.accounting.image_sent(tenant)
+                    yield event
+            finally:
+                await events.aclose()  # a client that went away stops the sampling now
+
+    async def _generate(self, params: GenerateParams, tenant: Tenant) -> AsyncIterator[GenerateEvent]:
+        arrived = time.monotonic()
+        spec = await asyncio.to_thread(self.specs_for(tenant).get, params.model_id)  # NotFound; cached
         params = with_seed(self._check_against(spec, params))
         ticket = self._admission.admit(self._cost(params))  # past the queue's bounds: refused at once
         job: Job | None = None
@@ -208,16 +250,19 @@ class InferenceCore:
 
     # ---- models -------------------------------------------------------------------------------
 
-    def get_model(self, model_id: str) -> ModelManifest:
-        return self.models.get(model_id)
+    def get_model(self, model_id: str, tenant: Tenant = IMPLICIT_TENANT) -> ModelManifest:
+        return self.models.for_tenant(tenant.name).get(model_id)
 
-    def list_models(self, page_size: int, page_token: str) -> tuple[list[ModelManifest], str]:
-        """One page of models ordered by id, and the token of the next page ("" on the last)."""
+    def list_models(
+        self, page_size: int, page_token: str, tenant: Tenant = IMPLICIT_TENANT
+    ) -> tuple[list[ModelManifest], str]:
+        """One page of the tenant's models and the shared bases, ordered by id, and the token of
+        the next page ("" on the last)."""
         if page_size < 0:
             raise InvalidArgument("page_size", f"must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         after = _decode_page_token(page_token)
-        remaining = [m for m in self.models.list() if m.model_id > after]
+        remaining = [m for m in self.models.for_tenant(tenant.name).list() if m.model_id > after]
         page = remaining[:size]
         next_token = _encode_page_token(page[-1].model_id) if len(remaining) > size else ""
         return page, next_token

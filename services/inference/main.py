@@ -15,11 +15,13 @@ from pathlib import Path
 
 from dreambooth.v1 import inference_pb2_grpc
 
+from services.common.auth import Authenticator, open_authenticator
 from services.common.logging_setup import configure_logging
 from services.common.model_store import ModelStore
 from services.common.server import GrpcServerApp
 from services.common.settings import from_env
 from services.common.store_factory import open_store
+from services.common.usage import UsageLedger
 from services.inference.core import InferenceCore
 from services.inference.metrics import InferenceMetrics
 from services.inference.servicer import SERVICE_NAME, InferenceServicer
@@ -31,13 +33,17 @@ log = logging.getLogger(__name__)
 class InferenceServer:
     """The gRPC app and the core wired together; used by main(), the test fixtures and the bench."""
 
-    def __init__(self, settings: InferenceSettings, models: ModelStore | None = None) -> None:
+    def __init__(
+        self, settings: InferenceSettings, models: ModelStore | None = None, auth: Authenticator | None = None
+    ) -> None:
         self.settings = settings
-        self.app = GrpcServerApp("inference", settings.server)
+        auth = auth or open_authenticator("inference", settings.auth, settings.server)
+        self.app = GrpcServerApp("inference", settings.server, auth=auth)
         if models is None:
             models = ModelStore(open_store(settings.store), Path(settings.store.cache_dir))
         metrics = InferenceMetrics.create(self.app.registry, self.app.metrics_namespace)
-        self.core = InferenceCore(settings, models, metrics)
+        self.usage = UsageLedger(models.store, "inference", flush_seconds=settings.usage_flush_seconds)
+        self.core = InferenceCore(settings, models, metrics, self.usage)
         self.app.add_service(
             inference_pb2_grpc.add_InferenceServiceServicer_to_server,
             InferenceServicer(self.core),
@@ -52,6 +58,7 @@ class InferenceServer:
     async def start(self) -> None:
         """Serve at once (NOT_SERVING); SERVING once the default model is warm."""
         self.core.start()
+        self.usage.start()
         await self.app.start()
         self._readiness = asyncio.ensure_future(self._become_ready())
 
@@ -81,6 +88,7 @@ class InferenceServer:
                 await self._readiness
         await self.app.stop(grace)
         await asyncio.to_thread(self.core.close)
+        await asyncio.to_thread(self.usage.close)  # the last counts reach the store
 
     async def run_until_signal(self) -> None:
         await self.start()

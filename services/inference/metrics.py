@@ -1,7 +1,8 @@
 """The inference service's own Prometheus metrics (`dreambooth_inference_*`).
 
 Requests by method and code, stream duration and in-flight requests come from the server's
-interceptor; these cover what happens inside a Generate. Labels are bounded: none at all here.
+interceptor; these cover what happens inside a Generate. Labels are bounded: only the per-tenant
+usage carries one, `tenant`, with at most services.common.usage.MAX_TENANT_LABELS values.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ class InferenceMetrics:
     time_to_first_image: Histogram
     cancelled: Counter
     cache: CacheMetrics
+    tenant_images_generated: Counter
+    tenant_generate_streams: Gauge
 
     @classmethod
     def create(cls, registry: CollectorRegistry, namespace: str = "dreambooth_inference") -> InferenceMetrics:
@@ -76,5 +79,13 @@ class InferenceMetrics:
                 bytes_loaded=factory.gauge(
                     "model_cache_bytes", "Bytes of weights held by cached models (shared components once)."
                 ),
+            ),
+            tenant_images_generated=factory.counter(
+                "tenant_images_generated", "Final images generated and sent, by tenant (usage).", ("tenant",)
+            ),
+            tenant_generate_streams=factory.gauge(
+                "tenant_generate_streams",
+                "Generate calls in flight, by tenant (the streams quota).",
+                ("tenant",),
             ),
         )

@@ -154,7 +154,7 @@ class ModelCache:
         base = spec.pipeline_manifest  # the model itself, or the base of a LoRA
         keys = {name: self._component_key(name, base) for name in COMPONENTS}
         self._make_room(spec, keys)
-        folder = self._models.materialize(base.model_id)
+        folder = self._models.materialize_manifest(base)
         modules: dict[str, Any] = {}
         held: list[str] = []  # references taken so far, given back if the load fails
         try:
@@ -164,7 +164,7 @@ class ModelCache:
                 )
                 held.append(keys[name])
             if spec.manifest.kind == "lora":
-                lora_folder = self._models.materialize(spec.manifest.model_id)
+                lora_folder = self._models.materialize_manifest(spec.manifest)
                 fused = fuse_lora_copies(modules, lora_folder, lora_targets(lora_folder))
                 for name, module in fused.items():
                     lora_key = f"{name}+lora:{spec.digest}"

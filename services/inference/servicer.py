@@ -15,6 +15,7 @@ from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from dreambooth_client import vocabulary
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from services.common.auth import caller
 from services.common.model_store import ModelManifest, parse_model_name
 from services.common.request_checks import image_format_from_proto, scheduler_from_proto
 from services.inference.core import InferenceCore
@@ -43,14 +44,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateResponse]:
-        async for event in self._core.generate(generate_params(request)):
+        async for event in self._core.generate(generate_params(request), caller()):
             yield generate_response(event)
 
     async def ListModels(
         self, request: inference_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.ListModelsResponse:
         manifests, next_token = await asyncio.to_thread(
-            self._core.list_models, request.page_size, request.page_token
+            self._core.list_models, request.page_size, request.page_token, caller()
         )
         return inference_pb2.ListModelsResponse(
             models=[model_proto(m) for m in manifests], next_page_token=next_token
@@ -60,7 +61,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         self, request: inference_pb2.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GetModelResponse:
         model_id = parse_model_name(request.name, "name")
-        manifest = await asyncio.to_thread(self._core.get_model, model_id)
+        manifest = await asyncio.to_thread(self._core.get_model, model_id, caller())
         return inference_pb2.GetModelResponse(model=model_proto(manifest))
 
 

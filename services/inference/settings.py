@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.settings import ServerSettings, StoreSettings
+from services.common.settings import AuthSettings, ServerSettings, StoreSettings
 
 ENV_PREFIX = "DREAMBOOTH_INFERENCE_"
 GIB = 1024**3
@@ -16,6 +16,7 @@ class InferenceSettings:
         default_factory=lambda: ServerSettings(port=50053, metrics_port=9183)
     )
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
     # Loaded and warmed up before health says SERVING; "" = serve at once, load on demand.
     default_model: str = "tiny-sd"
     device: str = "cpu"  # "cuda" on a GPU node
@@ -39,6 +40,7 @@ class InferenceSettings:
     cache_max_bytes: int = 8 * GIB
     preview_max_size: int = 256  # longest side of preview JPEGs, in pixels
     warmup_retry_seconds: float = 5.0  # retry period while the default model cannot be loaded
+    usage_flush_seconds: float = 10.0  # how often per-tenant image counts reach the store (GetUsage)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

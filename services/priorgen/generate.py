@@ -4,6 +4,11 @@
     ticket = generator.start(PriorRequest(...), on_progress)   # validates; cheap
     result = ticket.future.result()                             # PriorSetResult
 
+Sets belong to a tenant: each is made from the tenant's view of the models (its own plus the shared
+bases) and kept in its prefix of the store, so one tenant's cached set is never another's cache
+hit (which would tell it that someone made that set). Only a service identity may ask for
+another tenant than itself (the trainer, for a job's tenant).
+
 A set is complete iff `priors/{key}/manifest.json` exists (written last). Otherwise the images
 already in the store are kept (every put is atomic, so a killed run leaves only whole images)
 and only the missing indices are rendered, `batch_size` per denoising call of fixed shape
@@ -29,10 +34,13 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
 from services.common.errors import Unavailable
-from services.common.model_store import ModelStore
+from services.common.model_store import ModelManifest, ModelStore
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
+from services.common.tenancy import IMPLICIT_TENANT, Tenant, namespace_of, owner_for
 from services.priorgen.cache_key import image_key, images_prefix, manifest_key, parse_image_index, prior_key
 from services.priorgen.cache_key import set_prefix as key_prefix
 from services.priorgen.metrics import PriorGenMetrics
@@ -69,8 +77,19 @@ class Ticket:
 @dataclass(frozen=True)
 class _Target:
     spec: PriorSpec
-    model_digest: str
+    manifest: ModelManifest  # of the base model
     key: str
+    owner: str  # the tenant the set is made for
+    store: ObjectStore  # the owner's view
+
+    @property
+    def model_digest(self) -> str:
+        return self.manifest.digest
+
+    @property
+    def store_key(self) -> str:
+        """The set's place in the whole store: the same inputs for two tenants are two sets."""
+        return namespace_of(self.owner) + self.key
 
 
 class PriorGenerator:
@@ -92,15 +111,23 @@ class PriorGenerator:
 
     # ---- requests -----------------------------------------------------------------------------
 
-    def start(self, request: PriorRequest, on_progress: ProgressFn | None = None) -> Ticket:
+    def start(
+        self,
+        request: PriorRequest,
+        on_progress: ProgressFn | None = None,
+        *,
+        caller: Tenant = IMPLICIT_TENANT,
+        for_tenant: str = "",
+    ) -> Ticket:
         """Validate, resolve the key, and return at once: a finished future for a cached set,
         else the future of the (possibly shared) generation. Blocking I/O: call off the event loop.
-        Raises InvalidArgument (bad field) or NotFound (unknown base model) before any model load.
+        Raises InvalidArgument (bad field), NotFound (unknown base model) or PermissionDenied
+        (`for_tenant` names another tenant and the caller is no service) before any model load.
         """
         if self._stop.is_set():
             raise Unavailable("prior generation is shutting down")
-        target = self._resolve(request)
-        if self._store.exists(manifest_key(target.key)):
+        target = self._resolve(request, owner_for(caller, for_tenant))
+        if target.store.exists(manifest_key(target.key)):
             self.metrics.cache_hits_total.inc()
             total = target.spec.num_images
             if on_progress is not None:
@@ -109,21 +136,24 @@ class PriorGenerator:
             done.set_result(self._result(target, cached=True, generated=0))
             return Ticket(done, lambda: None)
 
-        flight, leader = self._flights.join(target.key)
+        flight_key = target.store_key
+        flight, leader = self._flights.join(flight_key)
         release = flight.attach(on_progress)
         if leader:
             work = lambda report: self._produce(target, report, flight.abandoned)  # noqa: E731
             try:
-                self._sets.submit(self._flights.run, target.key, flight, work)
+                self._sets.submit(self._flights.run, flight_key, flight, work)
             except RuntimeError:  # closed between the check above and here
-                self._flights.run(target.key, flight, _shutting_down)
+                self._flights.run(flight_key, flight, _shutting_down)
             return Ticket(_derived(flight, follower=False), release)
         self.metrics.single_flight_joins_total.inc()
         return Ticket(_derived(flight, follower=True), release)
 
-    def generate(self, request: PriorRequest, on_progress: ProgressFn | None = None) -> PriorSetResult:
+    def generate(
+        self, request: PriorRequest, on_progress: ProgressFn | None = None, **tenancy: Any
+    ) -> PriorSetResult:
         """Blocking convenience: start() and wait."""
-        return self.start(request, on_progress).future.result()
+        return self.start(request, on_progress, **tenancy).future.result()
 
     def close(self, wait: bool = True) -> None:
         """Stop: no new requests; running sets stop at the next denoising step and fail with
@@ -132,10 +162,11 @@ class PriorGenerator:
         self._stop.set()
         self._sets.shutdown(wait=wait)
 
-    def _resolve(self, request: PriorRequest) -> _Target:
+    def _resolve(self, request: PriorRequest, owner: str) -> _Target:
         spec = validate_request(request, self._settings)
-        digest = self._models.get(spec.model_id).digest  # NotFound for an unknown base model
-        return _Target(spec, digest, prior_key(digest, spec, self._settings.compute_width))
+        manifest = self._models.for_tenant(owner).get(spec.model_id)  # NotFound: unknown to the owner
+        key = prior_key(manifest.digest, spec, self._settings.compute_width)
+        return _Target(spec, manifest, key, owner, scoped_store(self._store, owner))
 
     @staticmethod
     def _result(target: _Target, cached: bool, generated: int) -> PriorSetResult:
@@ -148,12 +179,13 @@ class PriorGenerator:
         total = spec.num_images
         if self._stop.is_set():
             _shutting_down(report)
-        if self._store.exists(manifest_key(key)):  # finished by a flight that just ended
+        store = target.store
+        if store.exists(manifest_key(key)):  # finished by a flight that just ended
             self.metrics.cache_hits_total.inc()
             report(total, total)
             return self._result(target, cached=True, generated=0)
 
-        present = self._present_images(key, total)
+        present = _present_images(store, key, total)
         missing = [index for index in range(total) if index not in present]
         report(len(present), total)
         log.info(
@@ -165,21 +197,21 @@ class PriorGenerator:
         self.metrics.sets_in_progress.inc()
         try:
             if missing:
-                pipe = self._pipelines.get(spec.model_id, target.model_digest)
+                pipe = self._pipelines.get(target.manifest)
                 stop = _EitherEvent(self._stop, abandoned)
                 renderer = SetRenderer(pipe, spec, self._settings.compute_width, stop)  # type: ignore[arg-type]
                 for batch in _chunks(missing, self._settings.batch_size):
                     batch_started = time.monotonic()
                     for index, data in zip(batch, self._render(renderer, batch, abandoned), strict=True):
-                        self._store.put_bytes(image_key(key, index), data)
+                        store.put_bytes(image_key(key, index), data)
                         hashes[index] = (hashlib.sha256(data).hexdigest(), len(data))
                     self.metrics.batch_duration_seconds.observe(time.monotonic() - batch_started)
                     self.metrics.images_generated_total.inc(len(batch))
                     report(len(present) + len(hashes), total)
             for index in sorted(present):  # made by an earlier, interrupted run
-                data = self._store.get_bytes(image_key(key, index))
+                data = store.get_bytes(image_key(key, index))
                 hashes[index] = (hashlib.sha256(data).hexdigest(), len(data))
-            self._store.put_json(manifest_key(key), _manifest(target, self._settings.compute_width, hashes))
+            store.put_json(manifest_key(key), _manifest(target, self._settings.compute_width, hashes))
         finally:
             self.metrics.sets_in_progress.dec()
         if missing:
@@ -197,13 +229,14 @@ class PriorGenerator:
                 raise Abandoned("every caller of this prior set cancelled; it stopped") from None
             raise
 
-    def _present_images(self, key: str, total: int) -> set[int]:
-        present = set()
-        for info in self._store.list(images_prefix(key)):
-            index = parse_image_index(key, info.key)
-            if index is not None and index < total and info.size > 0:
-                present.add(index)
-        return present
+
+def _present_images(store: ObjectStore, key: str, total: int) -> set[int]:
+    present = set()
+    for info in store.list(images_prefix(key)):
+        index = parse_image_index(key, info.key)
+        if index is not None and index < total and info.size > 0:
+            present.add(index)
+    return present
 
 
 class Abandoned(Exception):

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dreambooth.v1 import priorgen_pb2_grpc
 
+from services.common.auth import Authenticator, open_authenticator
 from services.common.logging_setup import configure_logging
 from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
@@ -32,10 +33,13 @@ log = logging.getLogger(__name__)
 class PriorGenServer:
     """The gRPC app and the core wired together; used by main() and by the test fixtures."""
 
-    def __init__(self, settings: PriorGenSettings, store: ObjectStore | None = None) -> None:
+    def __init__(
+        self, settings: PriorGenSettings, store: ObjectStore | None = None, auth: Authenticator | None = None
+    ) -> None:
         self.settings = settings
+        auth = auth or open_authenticator("priorgen", settings.auth, settings.server)
         self.store = store if store is not None else open_store(settings.store)
-        self.app = GrpcServerApp("priorgen", settings.server)
+        self.app = GrpcServerApp("priorgen", settings.server, auth=auth)
         self.core = PriorGenerator(
             self.store,
             ModelStore(self.store, Path(settings.store.cache_dir)),

@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from services.common.batch_invariance import share_time_embedding_rows
-from services.common.model_store import ModelStore
+from services.common.model_store import ModelManifest, ModelStore
 from services.common.pipelines import load_pipeline
 
 if TYPE_CHECKING:
@@ -30,14 +30,16 @@ class PipelineCache:
         self._lock = threading.Lock()  # held while loading: two sets never load the same model twice
         self._pipelines: OrderedDict[str, StableDiffusionPipeline] = OrderedDict()
 
-    def get(self, model_id: str, digest: str) -> StableDiffusionPipeline:
+    def get(self, manifest: ModelManifest) -> StableDiffusionPipeline:
+        """The loaded pipeline of a base model's manifest (any tenant's view of it: keyed by digest)."""
+        model_id, digest = manifest.model_id, manifest.digest
         with self._lock:
             pipe = self._pipelines.get(digest)
             if pipe is not None:
                 self._pipelines.move_to_end(digest)
                 return pipe
             started = time.monotonic()
-            folder = self._models.materialize(model_id)
+            folder = self._models.materialize_manifest(manifest)
             pipe = load_pipeline(folder, device=self._device)
             share_time_embedding_rows(pipe.unet)  # an image must not depend on its slot in a batch
             self._pipelines[digest] = pipe

@@ -15,6 +15,7 @@ from typing import Any
 import grpc
 from dreambooth.v1 import common_pb2, priorgen_pb2, priorgen_pb2_grpc
 
+from services.common.auth import caller
 from services.common.request_checks import scheduler_from_proto
 from services.priorgen.generate import PriorGenerator, PriorSetResult
 from services.priorgen.request import PriorRequest
@@ -69,7 +70,13 @@ class PriorGenServicer(priorgen_pb2_grpc.PriorGenServiceServicer):
                 loop.call_soon_threadsafe(progress.put_nowait, (done, total))
 
         # Validation, model lookup and the cache check touch the store: off the event loop.
-        ticket = await asyncio.to_thread(self._core.start, request_from_proto(request), on_progress)
+        ticket = await asyncio.to_thread(
+            self._core.start,
+            request_from_proto(request),
+            on_progress,
+            caller=caller(),
+            for_tenant=request.tenant,
+        )
         next_progress: asyncio.Future[Any] | None = None
         finished = asyncio.wrap_future(ticket.future)
         try:

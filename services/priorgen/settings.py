@@ -6,7 +6,7 @@ import dataclasses
 
 from dreambooth_client import vocabulary
 
-from services.common.settings import ServerSettings, StoreSettings, from_env
+from services.common.settings import AuthSettings, ServerSettings, StoreSettings, from_env
 
 ENV_PREFIX = "DREAMBOOTH_PRIORGEN_"
 
@@ -17,6 +17,7 @@ class PriorGenSettings:
         default_factory=lambda: ServerSettings(port=50052, metrics_port=9182)
     )
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
     # Every pipeline call carries exactly `compute_width` image slots (fixed tensor shapes, so
     # float results never depend on how images are grouped); `batch_size` of them hold images,
     # the rest are padding. The width is part of a set's key; the batch size is not.

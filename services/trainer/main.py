@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from dreambooth.v1 import trainer_pb2_grpc
+from dreambooth_client.channels import ChannelConfig
 
+from services.common.auth import Authenticator, open_authenticator
 from services.common.logging_setup import configure_logging
 from services.common.model_store import ModelStore
 from services.common.server import GrpcServerApp
@@ -53,14 +55,24 @@ def run_training(*args: Any, **kwargs: Any) -> Any:
 class TrainerServer:
     """The gRPC app and the core wired together; used by main() and by the test fixtures."""
 
-    def __init__(self, settings: TrainerSettings, *, train: TrainFn | None = None) -> None:
+    def __init__(
+        self, settings: TrainerSettings, *, train: TrainFn | None = None, auth: Authenticator | None = None
+    ) -> None:
         self.settings = settings
-        self.app = GrpcServerApp("trainer", settings.server)
+        auth = auth or open_authenticator("trainer", settings.auth, settings.server)
+        self.app = GrpcServerApp("trainer", settings.server, auth=auth)
         store = open_store(settings.store)
         self.priors = PriorsClient(
             settings.priorgen_address,
             attempts=settings.priorgen_attempts,
             retry_seconds=settings.priorgen_retry_seconds,
+            channel=ChannelConfig.create(
+                tls=settings.priorgen_tls,
+                ca_cert=settings.priorgen_ca_cert_file or None,
+                client_cert=settings.priorgen_client_cert_file or None,
+                client_key=settings.priorgen_client_key_file or None,
+            ),
+            api_key=settings.priorgen_api_key,
         )
         self.core = TrainerCore(
             store=store,
@@ -79,6 +91,7 @@ class TrainerServer:
             metrics=TrainerMetrics(self.app.registry, self.app.metrics_namespace),
             gpu_count=ray_gpu_count,
             persist_seconds=settings.progress_persist_seconds,
+            tenants=auth.tenant_names,
         )
         self.app.add_service(
             trainer_pb2_grpc.add_TrainerServiceServicer_to_server, TrainerServicer(self.core), SERVICE_NAME
@@ -116,9 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv or [])
     settings = load_settings()
     configure_logging(settings.log_level)
+    auth = open_authenticator("trainer", settings.auth, settings.server)  # before Ray: fail fast
     connect_ray(settings.ray_address or os.environ.get("RAY_ADDRESS") or None)
     try:
-        asyncio.run(TrainerServer(settings).run_until_signal())
+        asyncio.run(TrainerServer(settings, auth=auth).run_until_signal())
     finally:
         disconnect_ray()
     return 0

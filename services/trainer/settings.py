@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from services.common.settings import ServerSettings, StoreSettings, from_env
+from services.common.settings import AuthSettings, ServerSettings, StoreSettings, from_env
 
 ENV_PREFIX = "DREAMBOOTH_TRAINER_"
 
@@ -55,7 +55,15 @@ class TrainerSettings:
         default_factory=lambda: ServerSettings(port=50051, metrics_port=9181)
     )
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
+    auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
     priorgen_address: str = "127.0.0.1:50052"
+    # The trainer's service identity towards priorgen: a key of an internal tenant (secret: set it
+    # from a Secret), and/or TLS with a client certificate when priorgen requires mTLS.
+    priorgen_api_key: str = ""
+    priorgen_tls: bool = False
+    priorgen_ca_cert_file: str = ""  # PEM of the CA that signed priorgen's certificate ("" = system's)
+    priorgen_client_cert_file: str = ""
+    priorgen_client_key_file: str = ""
     ray_address: str = ""  # "" = local Ray in this process; else a cluster (ray://host:10001 or auto)
     ray_storage_path: str = ""  # Ray Train's run storage; "" = the trainer-core default
     max_concurrent_jobs: int = 1  # jobs past this wait QUEUED

@@ -37,6 +37,8 @@ ALLOWED = {
     grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.OUT_OF_RANGE,
+    grpc.StatusCode.PERMISSION_DENIED,  # e.g. GeneratePriors naming another tenant
+    grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.DEADLINE_EXCEEDED,  # the test's own deadline on a long valid stream
 }
 SERVICES = {

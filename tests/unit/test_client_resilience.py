@@ -172,7 +172,7 @@ def test_create_retries_unavailable_with_the_same_request_id(scripted, client) -
     ids = [r.request_id for r in trainer.requests["CreateTrainingJob"]]
     assert len(ids) == 3 and len(set(ids)) == 1 and ids[0]
     assert created.request_id == ids[0]
-    assert trainer.metadata["x-api-key"] == "k-123"
+    assert trainer.metadata["authorization"] == "Bearer k-123"
     client.create_training_job(base_model="m", dataset="d", instance_prompt="sks", request_id="mine")
     assert trainer.requests["CreateTrainingJob"][-1].request_id == "mine"
 
@@ -322,4 +322,4 @@ def test_from_env_reads_addresses_and_api_key(scripted, monkeypatch) -> None:
     with DreamBoothClient.from_env() as client:
         assert client.get_training_job("j1").name == "trainingJobs/j1"
         assert client.get_model("m0").name == "models/m0"
-    assert trainer.metadata["x-api-key"] == "from-env"
+    assert trainer.metadata["authorization"] == "Bearer from-env"

@@ -69,7 +69,11 @@ SERVICES: dict[str, tuple[type, str]] = {
     "inference": (InferenceSettings, INFERENCE_PREFIX),
 }
 # Secrets a real cluster creates out of band (docs/deploy.md); the dev overlay generates them.
-EXTERNAL_SECRETS = {"base": {"minio-credentials"}, "dev": set(), "gpu": {"minio-credentials"}}
+EXTERNAL_SECRETS = {
+    "base": {"minio-credentials", "dreambooth-api-keys", "dreambooth-service-key"},
+    "dev": set(),
+    "gpu": {"minio-credentials", "dreambooth-api-keys", "dreambooth-service-key"},
+}
 # Labels KubeRay puts on the pods it creates from a RayCluster's templates.
 RAY_NODE_LABELS = ("ray.io/cluster", "ray.io/node-type", "ray.io/group")
 # Labels prometheus-operator attaches to every scraped series.
@@ -331,7 +335,8 @@ def settings_env_names(cls: type, prefix: str) -> set[str]:
     for field in dataclasses.fields(cls):
         target = hints[field.name]
         if dataclasses.is_dataclass(target):
-            nested = common_settings.PREFIX if target is common_settings.StoreSettings else prefix
+            shared = (common_settings.StoreSettings, common_settings.AuthSettings)
+            nested = common_settings.PREFIX if target in shared else prefix
             names |= settings_env_names(target, nested)
         else:
             names.add(f"{prefix}{field.name.upper()}")
@@ -774,7 +779,11 @@ def test_settings_load_from_the_manifests(build: str, service: str) -> None:
     assert settings.store.s3_endpoint, "services in k8s use the S3 store (MinIO)"
     assert env.get("DREAMBOOTH_S3_ACCESS_KEY", "") is None, "the access key comes from a Secret"
     assert env.get("DREAMBOOTH_S3_SECRET_KEY", "") is None, "the secret key comes from a Secret"
+    # Bound to 0.0.0.0, a service without keys (or mTLS) refuses to start: the keys file is mounted.
+    assert settings.auth.api_keys_file and not settings.auth.allow_unauthenticated
     (container,) = [c for _, c, s in service_containers(raw_resources()) if s == service]
+    mounts = {m["mountPath"] for m in container.get("volumeMounts", [])}
+    assert str(Path(settings.auth.api_keys_file).parent) in mounts, "the keys file's folder is not mounted"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert (settings.server.port, settings.server.metrics_port) == (ports["grpc"], ports["metrics"])
 
@@ -1065,3 +1074,19 @@ def test_deploy_doc_snippets_are_valid() -> None:
     for rule in adapter_rules:
         problems += check_metric_references("deploy.md adapter rule", rule["seriesQuery"], set())
     assert not problems, "\n".join(problems)
+
+
+def test_the_dev_service_key_is_an_internal_key_of_the_dev_keys_file() -> None:
+    """The throw-away keys of the dev overlay work: the trainer's key verifies as a service."""
+    from services.common.api_keys import parse_keys_file
+
+    (keys_generator,) = [
+        g for g in kustomization(OVERLAYS["dev"])["secretGenerator"] if g["name"] == "dreambooth-api-keys"
+    ]
+    keys_file = OVERLAYS["dev"] / keys_generator["files"][0].split("=", 1)[1]
+    (service_generator,) = [
+        g for g in kustomization(OVERLAYS["dev"])["secretGenerator"] if g["name"] == "dreambooth-service-key"
+    ]
+    service_key = service_generator["literals"][0].split("=", 1)[1]
+    tenant = parse_keys_file(keys_file.read_text(), str(keys_file)).verify(service_key)
+    assert tenant is not None and tenant.internal

@@ -22,8 +22,9 @@ from services.trainer.job_spec import JobSpec
 from services.trainer.jobs.events import EventLogs
 from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.priors import PriorsCancelled, PriorSetInfo
+from services.trainer.jobs.progress import ProgressTracker, examples_per_step
 from services.trainer.jobs.records import Job, JobRepository, JobState
-from services.trainer.jobs.runner import JobRunner, RunnerSettings, _ProgressTracker, examples_per_step
+from services.trainer.jobs.runner import JobRunner, RunnerSettings
 from services.trainer.training_events import (
     PreviewEvent,
     ProgressEvent,
@@ -84,7 +85,14 @@ class FakePriors:
     error: BaseException | None = None
     calls: list[JobSpec] = field(default_factory=list)
 
-    def generate(self, spec: JobSpec, *, on_progress: Callable[[int, int], None], cancel: threading.Event):
+    def generate(
+        self,
+        spec: JobSpec,
+        *,
+        tenant: str = "",
+        on_progress: Callable[[int, int], None],
+        cancel: threading.Event,
+    ):
         self.calls.append(spec)
         if self.error is not None:
             raise self.error
@@ -148,6 +156,7 @@ def make_rig(
 ):
     train = train or FakeTrain()
     priors = priors or FakePriors()
+    models = FakeModels(train)
     events = EventLogs(store, persist_seconds=0.0)
     metrics = TrainerMetrics(CollectorRegistry())
 
@@ -163,7 +172,7 @@ def make_rig(
         events=events,
         priors=priors,
         train=train,
-        models=FakeModels(train),
+        models=lambda tenant: models,
         settings=RunnerSettings(
             max_concurrent_jobs=slots, progress_persist_seconds=0.0, shutdown_timeout_seconds=10
         ),
@@ -216,7 +225,7 @@ def test_a_job_runs_to_succeeded_with_progress_and_preview(rig: Rig) -> None:
 
 def test_eta_follows_the_average_pace_of_the_run() -> None:
     now = [100.0]
-    tracker = _ProgressTracker(lambda: now[0], examples_per_step=4)
+    tracker = ProgressTracker(lambda: now[0], examples_per_step=4)
     first, _ = tracker.update(10, 110, 0.5, 1e-4, 8.0)
     assert first.eta_seconds == 0.0  # no pace yet
     now[0] += 20.0
@@ -338,7 +347,7 @@ def test_a_job_whose_model_was_already_published_succeeds_without_training(store
     job, _ = rig.repo.create(SPEC, request_id="", request_fingerprint="")
     rig.repo.transition(job.job_id, JobState.TRAINING)
     rig.repo.transition(job.job_id, JobState.PUBLISHING)
-    rig.runner.models.owner[job.spec.model_id] = job.name  # published, then the trainer died
+    rig.runner.models("").owner[job.spec.model_id] = job.name  # published, then the trainer died
     rig.runner.recover(rig.repo.load())
     rig.runner.start()
     done = rig.wait_for(job.job_id, JobState.SUCCEEDED)
@@ -351,7 +360,7 @@ def test_a_model_id_taken_by_another_model_fails_the_job(store: LocalObjectStore
     rig = make_rig(store)
     rig.runner.start()
     job, _ = rig.repo.create(SPEC, request_id="", request_fingerprint="")
-    rig.runner.models.owner[job.spec.model_id] = "trainingJobs/someoneelse"
+    rig.runner.models("").owner[job.spec.model_id] = "trainingJobs/someoneelse"
     rig.runner.submit(job.job_id)
     failed = rig.wait_for(job.job_id, JobState.FAILED)
     assert "model_id" in failed.error_message

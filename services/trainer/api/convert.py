@@ -16,6 +16,7 @@ from PIL import Image
 from services.common.errors import InvalidArgument
 from services.trainer.dataset_layout import DatasetInfo
 from services.trainer.job_spec import FIELDS, JobSpec, SpecRequest
+from services.trainer.jobs.core import Usage
 from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
 from services.trainer.jobs.records import Job, JobState, Progress
 
@@ -165,4 +166,20 @@ def dataset_to_proto(info: DatasetInfo) -> trainer_pb2.Dataset:
         image_count=info.image_count,
         size_bytes=info.size_bytes,
         create_time=timestamp(created.timestamp()),
+    )
+
+
+def usage_to_proto(usage: Usage) -> trainer_pb2.GetUsageResponse:
+    quotas = usage.quotas
+    return trainer_pb2.GetUsageResponse(
+        tenant=usage.tenant,
+        training_step_seconds=usage.training_step_seconds,
+        images_generated=usage.images_generated,
+        stored_bytes=usage.stored_bytes,
+        active_training_jobs=usage.active_training_jobs,
+        quotas=trainer_pb2.TenantQuotas(
+            max_concurrent_jobs=quotas.max_concurrent_jobs,
+            max_generate_streams=quotas.max_generate_streams,
+            max_stored_bytes=quotas.max_stored_bytes,
+        ),
     )

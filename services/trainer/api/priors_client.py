@@ -3,6 +3,10 @@
 Blocking (it runs in the job's thread). While the service is unavailable it retries a few times
 with back-off; then it fails with a message that says what to check. A cancel stops the stream
 at once (the call is cancelled from a small watcher thread, not at the next message).
+
+The trainer calls as a service identity (an internal tenant's key, or its client certificate
+under mTLS) and names the job's tenant, so the set is made from that tenant's models and kept
+in its prefix.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from collections.abc import Callable
 
 import grpc
 from dreambooth.v1 import priorgen_pb2, priorgen_pb2_grpc
+from dreambooth_client.channels import ChannelConfig, call_metadata, sync_channel
 
 from services.common.errors import FailedPrecondition, Unavailable
 from services.common.model_store import model_name
@@ -28,8 +33,9 @@ _RETRYABLE = (
 )
 
 
-def priors_request(spec: JobSpec) -> priorgen_pb2.GeneratePriorsRequest:
+def priors_request(spec: JobSpec, tenant: str = "") -> priorgen_pb2.GeneratePriorsRequest:
     return priorgen_pb2.GeneratePriorsRequest(
+        tenant=tenant,
         base_model=model_name(spec.base_model),
         class_prompt=spec.class_prompt,
         negative_prompt=spec.class_negative_prompt,
@@ -47,12 +53,15 @@ class PriorsClient:
         *,
         attempts: int = 3,
         retry_seconds: float = 2.0,
+        channel: ChannelConfig | None = None,
+        api_key: str = "",
     ) -> None:
         self.address = address
         self.attempts = attempts
         self.retry_seconds = retry_seconds
-        self._channel = grpc.insecure_channel(address)
+        self._channel = sync_channel(address, channel or ChannelConfig())
         self._stub = priorgen_pb2_grpc.PriorGenServiceStub(self._channel)
+        self._metadata = call_metadata(api_key or None)
 
     def close(self) -> None:
         self._channel.close()
@@ -61,12 +70,13 @@ class PriorsClient:
         self,
         spec: JobSpec,
         *,
+        tenant: str = "",
         on_progress: Callable[[int, int], None],
         cancel: threading.Event,
     ) -> PriorSetInfo:
         """The job's prior set, generated or from priorgen's cache. Raises PriorsCancelled,
         Unavailable (service down after retries) or FailedPrecondition (it refused the request)."""
-        request = priors_request(spec)
+        request = priors_request(spec, tenant)
         delay = self.retry_seconds
         for attempt in range(1, self.attempts + 1):
             try:
@@ -105,7 +115,7 @@ class PriorsClient:
         on_progress: Callable[[int, int], None],
         cancel: threading.Event,
     ) -> PriorSetInfo:
-        call = self._stub.GeneratePriors(request, wait_for_ready=False)
+        call = self._stub.GeneratePriors(request, metadata=self._metadata, wait_for_ready=False)
         finished = threading.Event()
 
         def cancel_when_asked() -> None:

@@ -2,6 +2,7 @@
 
 Core calls that touch the store run in worker threads so the event loop keeps serving. Domain
 errors raised here (or inside the Watch stream) become status codes in the shared interceptor.
+Every call is made for the caller the auth interceptor resolved.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from collections.abc import AsyncIterator
 import grpc.aio
 from dreambooth.v1 import trainer_pb2, trainer_pb2_grpc
 
+from services.common.auth import caller
 from services.common.errors import InvalidArgument
 from services.common.streams import with_idle_timeout
 from services.trainer.api import convert
@@ -39,22 +41,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
                 else:
                     raise InvalidArgument("part", "each message must carry an image_header or a chunk")
             loop = asyncio.get_running_loop()
-            info = await loop.run_in_executor(
-                self.core.uploads.decode_executor, self.core.finish_upload, upload
-            )
+            pool = self.core.uploads.decode_executor  # not the RPC threads: decoding is heavy
+            info = await loop.run_in_executor(pool, self.core.finish_upload, upload, caller())
         return trainer_pb2.UploadImagesResponse(dataset=convert.dataset_to_proto(info))
 
     async def CreateTrainingJob(
         self, request: trainer_pb2.CreateTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.CreateTrainingJobResponse:
         spec = convert.spec_request_from_proto(request.spec)
-        job = await asyncio.to_thread(self.core.create_job, spec, request.request_id)
+        job = await asyncio.to_thread(self.core.create_job, spec, request.request_id, caller())
         return trainer_pb2.CreateTrainingJobResponse(training_job=convert.job_to_proto(job))
 
     async def GetTrainingJob(
         self, request: trainer_pb2.GetTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.GetTrainingJobResponse:
-        job = self.core.get_job(request.name)
+        job = self.core.get_job(request.name, caller())
         return trainer_pb2.GetTrainingJobResponse(training_job=convert.job_to_proto(job))
 
     async def ListTrainingJobs(
@@ -64,6 +65,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
             page_size=request.page_size,
             page_token=request.page_token,
             state=convert.state_from_proto(request.state),
+            tenant=caller(),
         )
         return trainer_pb2.ListTrainingJobsResponse(
             training_jobs=[convert.job_to_proto(job) for job in page.jobs],
@@ -73,7 +75,7 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     async def CancelTrainingJob(
         self, request: trainer_pb2.CancelTrainingJobRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.CancelTrainingJobResponse:
-        job = await asyncio.to_thread(self.core.cancel_job, request.name)
+        job = await asyncio.to_thread(self.core.cancel_job, request.name, caller())
         return trainer_pb2.CancelTrainingJobResponse(training_job=convert.job_to_proto(job))
 
     async def WatchTrainingJob(
@@ -81,6 +83,12 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> AsyncIterator[trainer_pb2.WatchTrainingJobResponse]:
         if request.after_sequence < 0:
             raise InvalidArgument("after_sequence", f"must be >= 0, got {request.after_sequence}")
-        event_log = await asyncio.to_thread(self.core.event_log, request.name)
+        event_log = await asyncio.to_thread(self.core.event_log, request.name, caller())
         async for event in event_log.watch(request.after_sequence):
             yield convert.event_to_proto(event)
+
+    async def GetUsage(
+        self, request: trainer_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.GetUsageResponse:
+        usage = await asyncio.to_thread(self.core.usage, caller())
+        return convert.usage_to_proto(usage)

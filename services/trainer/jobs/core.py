@@ -2,17 +2,26 @@
 
 The servicer translates protobuf to the plain objects here and back; everything that touches
 the store is blocking, so the servicer calls it from a worker thread.
+
+Every call is made for a tenant (the implicit one of a server without keys by default): it sees,
+creates and changes only that tenant's datasets and jobs, trains from its own models and the
+shared bases, and is held to its quotas. Another tenant's job is NotFound exactly as a missing one.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
 
 from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
+from services.common.tenancy import IMPLICIT_TENANT, Quotas, Tenant, quota_exceeded
+from services.common.usage import IMAGES_GENERATED, ledger_total, stored_bytes
 from services.trainer.dataset_layout import DatasetInfo
 from services.trainer.jobs.datasets import DatasetStore, ImageUpload
 from services.trainer.jobs.events import EventLogs, JobEventLog
@@ -34,6 +43,18 @@ from services.trainer.settings import SpecLimits, UploadLimits
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class Usage:
+    """What GetUsage reports: one tenant's consumption and limits."""
+
+    tenant: str  # its label ("default" for the implicit tenant)
+    training_step_seconds: float
+    images_generated: int
+    stored_bytes: int
+    active_training_jobs: int
+    quotas: Quotas
+
+
 class TrainerCore:
     def __init__(
         self,
@@ -49,10 +70,13 @@ class TrainerCore:
         gpu_count: GpuCounter | None = None,
         persist_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
+        tenants: Callable[[], Iterable[str]] = tuple,
     ) -> None:
         self.store = store
-        self.datasets = DatasetStore(store)
-        self.catalog = StoreModelCatalog(models)
+        self.models = models
+        self.datasets = DatasetStore(store)  # the implicit tenant's
+        self.tenants = tenants  # names from the keys file: whose job records to load at start
+        self._create_lock = threading.Lock()  # quota checks and creation, one at a time
         self.spec_limits = spec_limits
         self.upload_limits = upload_limits
         self.uploads = UploadGate(upload_limits)
@@ -65,7 +89,7 @@ class TrainerCore:
             events=self.events,
             priors=priors,
             train=train,
-            models=models,
+            models=models.for_tenant,
             settings=runner_settings,
             metrics=metrics,
             clock=clock,
@@ -77,7 +101,7 @@ class TrainerCore:
 
     def start(self) -> list[Job]:
         """Load the records, start the job slots and resume unfinished jobs; returns those."""
-        jobs = self.repo.load()
+        jobs = self.repo.load(tuple(sorted(set(self.tenants()))))
         self.runner.start()
         recovered = self.runner.recover(jobs)
         log.info("trainer ready", extra={"jobs": len(jobs), "recovered": len(recovered)})
@@ -106,38 +130,92 @@ class TrainerCore:
     def new_upload(self) -> ImageUpload:
         return ImageUpload(self.upload_limits)
 
-    def finish_upload(self, upload: ImageUpload) -> DatasetInfo:
-        return upload.finish(self.datasets)
+    def finish_upload(self, upload: ImageUpload, tenant: Tenant = IMPLICIT_TENANT) -> DatasetInfo:
+        def within_quota(new_bytes: int) -> None:
+            limit = tenant.quotas.max_stored_bytes
+            if limit and self.stored_bytes(tenant) + new_bytes > limit:
+                raise quota_exceeded(tenant, "max_stored_bytes", f"this upload needs {new_bytes} more bytes")
+
+        return upload.finish(DatasetStore(self.store, tenant.name), before_write=within_quota)
 
     # Jobs
 
-    def create_job(self, request: SpecRequest, request_id: str = "") -> Job:
-        """Validates the whole spec, then queues a job. Idempotent by request_id."""
+    def create_job(self, request: SpecRequest, request_id: str = "", tenant: Tenant = IMPLICIT_TENANT) -> Job:
+        """Validates the whole spec, then queues a job. Idempotent by request_id (per tenant)."""
         validate_request_id(request_id)
         request_fingerprint = fingerprint(dataclasses.asdict(request))
-        existing = self.repo.find_by_request(request_id, request_fingerprint)
+        existing = self.repo.find_by_request(request_id, request_fingerprint, tenant.name)
         if existing is not None:
             return existing
         spec = validate_spec(
             request,
             limits=self.spec_limits,
-            models=self.catalog,
-            datasets=self.datasets,
+            models=StoreModelCatalog(self.models.for_tenant(tenant.name)),
+            datasets=DatasetStore(self.store, tenant.name),
             gpu_count=self.gpu_count,
         )
-        job, created = self.repo.create(spec, request_id=request_id, request_fingerprint=request_fingerprint)
+        with self._create_lock:
+            existing = self.repo.find_by_request(request_id, request_fingerprint, tenant.name)
+            if existing is not None:
+                return existing
+            self._check_job_quotas(tenant)
+            job, created = self.repo.create(
+                spec, request_id=request_id, request_fingerprint=request_fingerprint, tenant=tenant.name
+            )
         if created:
             self.runner.submit(job.job_id)
         return job
 
-    def get_job(self, name: str) -> Job:
-        return self.repo.get(parse_job_name(name))
+    def _check_job_quotas(self, tenant: Tenant) -> None:
+        quotas = tenant.quotas
+        if quotas.max_concurrent_jobs:
+            active = self._active_jobs(tenant)
+            if active >= quotas.max_concurrent_jobs:
+                raise quota_exceeded(
+                    tenant, "max_concurrent_jobs", f"{active} jobs are queued or running; wait for one to end"
+                )
+        if quotas.max_stored_bytes:
+            used = self.stored_bytes(tenant)
+            if used >= quotas.max_stored_bytes:
+                raise quota_exceeded(tenant, "max_stored_bytes", f"{used} bytes stored; delete some first")
 
-    def list_jobs(self, *, page_size: int = 0, page_token: str = "", state: JobState | None = None) -> Page:
-        return self.repo.list(page_size=page_size, page_token=page_token, state=state)
+    def _active_jobs(self, tenant: Tenant) -> int:
+        return sum(1 for job in self.repo.all(tenant.name) if not job.state.is_final)
 
-    def cancel_job(self, name: str) -> Job:
-        return self.runner.cancel(parse_job_name(name))
+    def get_job(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> Job:
+        return self.repo.get(parse_job_name(name), tenant.name)
 
-    def event_log(self, name: str) -> JobEventLog:
-        return self.events.get(self.get_job(name))
+    def list_jobs(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: JobState | None = None,
+        tenant: Tenant = IMPLICIT_TENANT,
+    ) -> Page:
+        return self.repo.list(page_size=page_size, page_token=page_token, state=state, tenant=tenant.name)
+
+    def cancel_job(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> Job:
+        return self.runner.cancel(self.get_job(name, tenant).job_id)
+
+    def event_log(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> JobEventLog:
+        return self.events.get(self.get_job(name, tenant))
+
+    # Usage
+
+    def stored_bytes(self, tenant: Tenant) -> int:
+        size = stored_bytes(self.store, tenant.name, Path(self.models.cache_dir))
+        if self.metrics is not None:
+            self.metrics.tenant_stored(tenant.name, size)
+        return size
+
+    def usage(self, tenant: Tenant = IMPLICIT_TENANT) -> Usage:
+        jobs = self.repo.all(tenant.name)
+        return Usage(
+            tenant=tenant.label,
+            training_step_seconds=sum(job.training_step_seconds for job in jobs),
+            images_generated=int(ledger_total(self.store, tenant.name, IMAGES_GENERATED)),
+            stored_bytes=self.stored_bytes(tenant),
+            active_training_jobs=sum(1 for job in jobs if not job.state.is_final),
+            quotas=tenant.quotas,
+        )

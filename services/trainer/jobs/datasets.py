@@ -3,7 +3,9 @@
 Every uploaded image is decoded under a pixel limit (decompression bombs refused), EXIF-rotated,
 converted to RGB and re-encoded as PNG. The dataset id is the sha256 over the normalised images'
 digests, in upload order, so the same photos give the same dataset whatever their original
-encoding metadata. The layout is services.trainer.dataset_layout's.
+encoding metadata. The layout is services.trainer.dataset_layout's, in the tenant's view of the
+store; a named tenant's ids are salted with its name, so two tenants uploading the same photos
+each get their own dataset name and neither can tell the other has them.
 """
 
 from __future__ import annotations
@@ -11,9 +13,11 @@ from __future__ import annotations
 import datetime
 import hashlib
 import io
+from collections.abc import Callable
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.images import decode_image, encode_image, image_size
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.trainer.dataset_layout import (
     DatasetInfo,
@@ -24,11 +28,18 @@ from services.trainer.dataset_layout import (
 from services.trainer.settings import UploadLimits
 
 
-class DatasetStore:
-    """Reads and writes datasets in the object store."""
+def dataset_id_of(image_digests: list[str], tenant: str = "") -> str:
+    """The content address of a dataset: the same images give the same id, per tenant."""
+    salt = f"tenant:{tenant}\n" if tenant else ""  # none for the implicit tenant: ids as before
+    return hashlib.sha256((salt + "\n".join(image_digests)).encode()).hexdigest()
 
-    def __init__(self, store: ObjectStore) -> None:
-        self.store = store
+
+class DatasetStore:
+    """Reads and writes one tenant's datasets (the implicit tenant's: "") in the object store."""
+
+    def __init__(self, store: ObjectStore, tenant: str = "") -> None:
+        self.store = scoped_store(store, tenant)
+        self.tenant = tenant
 
     def get(self, dataset_id: str) -> DatasetInfo:
         return read_dataset(self.store, dataset_id)
@@ -36,14 +47,22 @@ class DatasetStore:
     def exists(self, dataset_id: str) -> bool:
         return self.store.exists(manifest_key(dataset_id))
 
-    def save(self, normalised: list[bytes], *, now: datetime.datetime | None = None) -> DatasetInfo:
-        """Store normalised PNGs as one dataset; the same images again write nothing new."""
-        digests = [hashlib.sha256(png).hexdigest() for png in normalised]
-        dataset_id = hashlib.sha256("\n".join(digests).encode()).hexdigest()
+    def save(
+        self,
+        normalised: list[bytes],
+        *,
+        now: datetime.datetime | None = None,
+        before_write: Callable[[int], None] | None = None,
+    ) -> DatasetInfo:
+        """Store normalised PNGs as one dataset; the same images again write nothing new.
+        `before_write(new_bytes)` runs only when something will be written (a quota check)."""
+        dataset_id = dataset_id_of([hashlib.sha256(png).hexdigest() for png in normalised], self.tenant)
         try:
             return self.get(dataset_id)
         except NotFound:
             pass
+        if before_write is not None:
+            before_write(sum(len(png) for png in normalised))
         return write_dataset(self.store, dataset_id, normalised, now=now)
 
 
@@ -145,7 +164,9 @@ class ImageUpload:
         if declared and got != declared:
             raise InvalidArgument(self._field, f"declared {declared} bytes but {got} arrived")
 
-    def finish(self, datasets: DatasetStore) -> DatasetInfo:
+    def finish(
+        self, datasets: DatasetStore, before_write: Callable[[int], None] | None = None
+    ) -> DatasetInfo:
         if not self._images:
             raise InvalidArgument(
                 "images", f"no images: upload between 1 and {self.limits.max_images} images"
@@ -165,4 +186,4 @@ class ImageUpload:
             normalise_image(buffer.getvalue(), index, self.limits.max_image_pixels)
             for index, buffer in enumerate(self._images)
         ]
-        return datasets.save(normalised)
+        return datasets.save(normalised, before_write=before_write)

@@ -3,7 +3,8 @@
 Every event gets the next sequence number of its job (from 1). Watchers read what they missed
 (`after_sequence`) and then wait for more; the stream ends once the job is final.
 
-What survives a restart (`jobs/{id}/events.jsonl`, rewritten atomically):
+What survives a restart (`jobs/{id}/events.jsonl` in the job's tenant's view of the store,
+rewritten atomically):
 - every state change (with the whole job), every validation preview (its JPEG is a separate
   object, `jobs/{id}/previews/step-{step:08d}-{n:04d}.jpg`, read back when a watcher needs it);
 - training and prior progress thinned to one event per `persist_seconds` (plus the newest
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from services.common.errors import NotFound
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.trainer.jobs.records import Job, Progress
 
@@ -283,10 +285,10 @@ class EventLogs:
         self._load_lock = threading.Lock()
         self._logs: OrderedDict[str, JobEventLog] = OrderedDict()
 
-    def _new(self, job_id: str, events: list[JobEvent], next_sequence: int) -> JobEventLog:
+    def _new(self, job: Job, events: list[JobEvent], next_sequence: int) -> JobEventLog:
         return JobEventLog(
-            job_id,
-            self.store,
+            job.job_id,
+            scoped_store(self.store, job.tenant),
             persist_seconds=self.persist_seconds,
             events=events,
             next_sequence=next_sequence,
@@ -316,7 +318,7 @@ class EventLogs:
 
     def _load(self, job: Job, *, sync: bool) -> JobEventLog:
         try:
-            raw = self.store.get_bytes(events_key(job.job_id)).decode()
+            raw = scoped_store(self.store, job.tenant).get_bytes(events_key(job.job_id)).decode()
         except NotFound:
             raw = ""
         events: list[JobEvent] = []
@@ -332,7 +334,7 @@ class EventLogs:
                     events.append(JobEvent.from_json(data))
             except (ValueError, KeyError, TypeError) as err:
                 log.warning("skipping a bad event line", extra={"job_id": job.job_id, "error": str(err)})
-        event_log = self._new(job.job_id, events=events, next_sequence=next_sequence)
+        event_log = self._new(job, events=events, next_sequence=next_sequence)
         # The record is the truth: a crash between writing it and the log loses the last state event.
         states = [e.payload for e in events if isinstance(e.payload, Job)]
         if sync and (not states or states[-1].state != job.state):

@@ -1,7 +1,8 @@
 """Prometheus metrics of the trainer, `dreambooth_trainer_*`, in the server app's registry.
 
 Labels stay bounded: states are an enum; per-job gauges (loss, samples/s) carry the job id only
-while the job runs (at most `max_concurrent_jobs` series) and are removed when it ends.
+while the job runs (at most `max_concurrent_jobs` series) and are removed when it ends; per-tenant
+usage carries at most MAX_TENANT_LABELS tenant names (then "other").
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from services.common.metrics import MetricFactory
+from services.common.tenancy import IMPLICIT_LABEL
+from services.common.usage import TenantLabels
 from services.trainer.jobs.records import JobState
 
 STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -63,6 +66,17 @@ class TrainerMetrics:
         self.prior_wait_seconds = factory.histogram(
             "prior_wait_seconds", "Time a job waited for its class-prior images.", buckets=LONG_BUCKETS
         )
+        self.tenant_training_step_seconds = factory.counter(
+            "tenant_training_step_seconds",
+            "Worker-seconds spent in training steps, by tenant (usage).",
+            ("tenant",),
+        )
+        self.tenant_stored_bytes = factory.gauge(
+            "tenant_stored_bytes",
+            "Bytes a tenant stores (datasets, priors, jobs, its models), as last measured.",
+            ("tenant",),
+        )
+        self._tenant_labels = TenantLabels()
         self._collector: _JobsByState | None = None
 
     def watch_jobs(self, counts: Callable[[], dict[JobState, int]]) -> None:
@@ -74,6 +88,13 @@ class TrainerMetrics:
     def observe_progress(self, job_id: str, loss: float, samples_per_second: float) -> None:
         self.loss.labels(job_id=job_id).set(loss)
         self.samples_per_second.labels(job_id=job_id).set(samples_per_second)
+
+    def tenant_usage(self, tenant_name: str, step_seconds: float) -> None:
+        label = self._tenant_labels(tenant_name or IMPLICIT_LABEL)
+        self.tenant_training_step_seconds.labels(tenant=label).inc(step_seconds)
+
+    def tenant_stored(self, tenant_name: str, size: int) -> None:
+        self.tenant_stored_bytes.labels(tenant=self._tenant_labels(tenant_name or IMPLICIT_LABEL)).set(size)
 
     def job_finished(self, job_id: str, state: JobState, seconds: float | None) -> None:
         label = state.value.lower()

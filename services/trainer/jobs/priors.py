@@ -24,5 +24,11 @@ class PriorSetInfo:
 
 class PriorsProvider(Protocol):
     def generate(
-        self, spec: JobSpec, *, on_progress: Callable[[int, int], None], cancel: threading.Event
-    ) -> PriorSetInfo: ...
+        self,
+        spec: JobSpec,
+        *,
+        tenant: str,
+        on_progress: Callable[[int, int], None],
+        cancel: threading.Event,
+    ) -> PriorSetInfo:
+        """The job's class images, made for (and stored in the prefix of) the job's `tenant`."""

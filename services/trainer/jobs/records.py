@@ -1,9 +1,13 @@
 """Training job records: the state machine and their repository in the object store.
 
-A job lives at `jobs/{id}/job.json` (written whole, atomically, on every change that matters).
+A job lives at `jobs/{id}/job.json` in its tenant's view of the store (`tenants/{name}/jobs/...`;
+the root for the implicit tenant), written whole, atomically, on every change that matters.
 The store is the source of truth; the repository keeps every record in memory as well (one
 trainer process owns the jobs), so Get/List never wait on the store and a restarted trainer
 rebuilds the memory, the request-id index included, from the records.
+
+Reads made for a tenant see only its jobs: another tenant's job is NotFound with the message of
+a missing one, and request ids are per tenant (reusing another tenant's id reveals nothing).
 """
 
 from __future__ import annotations
@@ -24,7 +28,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
+from services.common.tenancy import namespace_of
 from services.trainer.job_spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -101,6 +107,8 @@ class Job:
     checkpoint_step: int = 0
     prior_prefix: str = ""  # where the class images are, once generated
     runs: int = 0  # times the job was started (more than one after restarts)
+    tenant: str = ""  # the owner's name; "" = the implicit tenant (records from before tenants too)
+    training_step_seconds: float = 0.0  # worker-seconds spent in training steps (usage)
 
     @property
     def name(self) -> str:
@@ -182,34 +190,43 @@ class JobRepository:
         self._on_change = on_change
         self._lock = threading.RLock()
         self._jobs: dict[str, Job] = {}
-        self._by_request: dict[str, str] = {}
+        self._by_request: dict[tuple[str, str], str] = {}  # (tenant, request_id) -> job id
 
     # Loading
 
-    def load(self) -> list[Job]:
-        """Read every record from the store (at start-up); returns them oldest first."""
+    def load(self, tenants: tuple[str, ...] = ()) -> list[Job]:
+        """Read the records of the implicit tenant and of `tenants` (at start-up); oldest first."""
         loaded: dict[str, Job] = {}
-        for info in self.store.list(PREFIX):
-            parts = info.key.split("/")
-            if len(parts) == 3 and parts[2] == "job.json" and _JOB_ID.match(parts[1]):
-                try:
-                    loaded[parts[1]] = Job.from_json(self.store.get_json(info.key))
-                except (ValueError, KeyError, TypeError) as err:  # one bad record must not stop the rest
-                    log.error("skipping an unreadable job record", extra={"key": info.key, "error": str(err)})
+        for tenant in ("", *tenants):
+            for info in self.store.list(namespace_of(tenant) + PREFIX):
+                parts = info.key.removeprefix(namespace_of(tenant)).split("/")
+                if len(parts) == 3 and parts[2] == "job.json" and _JOB_ID.match(parts[1]):
+                    try:
+                        job = Job.from_json(self.store.get_json(info.key))
+                    except (ValueError, KeyError, TypeError) as err:  # one bad record must not stop the rest
+                        log.error(
+                            "skipping an unreadable job record", extra={"key": info.key, "error": str(err)}
+                        )
+                        continue
+                    if job.tenant == tenant:  # a record copied into another tenant's prefix is not its
+                        loaded[parts[1]] = job
         with self._lock:
             self._jobs = loaded
-            self._by_request = {job.request_id: job.job_id for job in loaded.values() if job.request_id}
+            self._by_request = {
+                (job.tenant, job.request_id): job.job_id for job in loaded.values() if job.request_id
+            }
         return sorted(loaded.values(), key=lambda job: (job.create_time, job.job_id))
 
     # Creating
 
-    def create(self, spec: JobSpec, *, request_id: str, request_fingerprint: str) -> tuple[Job, bool]:
-        """A new QUEUED job, or (job, False) when `request_id` already made one with this request.
-
-        A request id reused with a different request is ALREADY_EXISTS: the id is taken.
+    def create(
+        self, spec: JobSpec, *, request_id: str, request_fingerprint: str, tenant: str = ""
+    ) -> tuple[Job, bool]:
+        """A new QUEUED job of `tenant`, or (job, False) when `request_id` already made one with
+        this request. A request id the tenant reused with a different request is ALREADY_EXISTS.
         """
         with self._lock:
-            existing = self.find_by_request(request_id, request_fingerprint)
+            existing = self.find_by_request(request_id, request_fingerprint, tenant)
             if existing is not None:
                 return existing, False
             job_id = new_job_id()
@@ -226,19 +243,20 @@ class JobRepository:
                 create_time=now,
                 update_time=now,
                 progress=Progress(total_steps=spec.max_train_steps),
+                tenant=tenant,
             )
             self._write(job)
             self._jobs[job_id] = job
             if request_id:
-                self._by_request[request_id] = job_id
+                self._by_request[(tenant, request_id)] = job_id
         self._notify(None, job)
         return job, True
 
-    def find_by_request(self, request_id: str, request_fingerprint: str) -> Job | None:
+    def find_by_request(self, request_id: str, request_fingerprint: str, tenant: str = "") -> Job | None:
         if not request_id:
             return None
         with self._lock:
-            job_id = self._by_request.get(request_id)
+            job_id = self._by_request.get((tenant, request_id))
             if job_id is None:
                 return None
             job = self._jobs[job_id]
@@ -251,16 +269,18 @@ class JobRepository:
 
     # Reading
 
-    def get(self, job_id: str) -> Job:
+    def get(self, job_id: str, tenant: str | None = None) -> Job:
+        """The job; with `tenant`, only if that tenant owns it (else NotFound, as for no job)."""
         with self._lock:
             job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or (tenant is not None and job.tenant != tenant):
             raise NotFound(job_name(job_id), f"training job {job_name(job_id)!r} not found")
         return job
 
-    def all(self) -> list[Job]:
+    def all(self, tenant: str | None = None) -> list[Job]:
+        """Every job, or only `tenant`'s."""
         with self._lock:
-            return list(self._jobs.values())
+            return [job for job in self._jobs.values() if tenant is None or job.tenant == tenant]
 
     def count_by_state(self) -> dict[JobState, int]:
         counts = dict.fromkeys(JobState, 0)
@@ -268,15 +288,23 @@ class JobRepository:
             counts[job.state] += 1
         return counts
 
-    def list(self, *, page_size: int = 0, page_token: str = "", state: JobState | None = None) -> Page:
-        """Newest first. The token encodes the last job's position and the filter it belongs to."""
+    def list(
+        self,
+        *,
+        page_size: int = 0,
+        page_token: str = "",
+        state: JobState | None = None,
+        tenant: str | None = None,
+    ) -> Page:
+        """Newest first (only `tenant`'s jobs when given). The token encodes the last job's
+        position and the filter it belongs to."""
         if page_size < 0:
             raise InvalidArgument("page_size", f"must be >= 0, got {page_size}")
         size = min(page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         state_filter = state.value if state else ""
         after = _decode_token(page_token, state_filter) if page_token else None
         jobs = sorted(
-            (job for job in self.all() if state is None or job.state == state),
+            (job for job in self.all(tenant) if state is None or job.state == state),
             key=lambda job: (job.create_time, job.job_id),
             reverse=True,
         )
@@ -322,7 +350,7 @@ class JobRepository:
             return self.update(job_id, state=state, **changes)
 
     def _write(self, job: Job) -> None:
-        self.store.put_json(job_key(job.job_id), job.to_json())
+        scoped_store(self.store, job.tenant).put_json(job_key(job.job_id), job.to_json())
 
     def _notify(self, old_state: JobState | None, job: Job) -> None:
         if self._on_change is not None:

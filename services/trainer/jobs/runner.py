@@ -12,6 +12,7 @@ itself), or straight to SUCCEEDED when the model was already published.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import queue
 import threading
@@ -22,16 +23,19 @@ from typing import Any, Protocol
 
 from services.common.errors import DomainError
 from services.common.settings import StoreSettings
+from services.common.tenancy import namespace_of
 from services.trainer.job_spec import JobSpec
 from services.trainer.jobs.events import EventLogs, PriorProgressInfo
 from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.priors import PriorsCancelled, PriorsProvider
+from services.trainer.jobs.progress import ProgressTracker, StepUsage, examples_per_step
 from services.trainer.jobs.records import Job, JobRepository, JobState, Progress
 from services.trainer.training_events import (
     CheckpointEvent,
     PreviewEvent,
     ProgressEvent,
     PublishingEvent,
+    StartedEvent,
     TrainingCancelled,
     TrainingFailed,
 )
@@ -63,6 +67,9 @@ class PublishedModels(Protocol):
         """ModelStore.published_by: False, True, or AlreadyExists when another model has the id."""
 
 
+TenantModels = Callable[[str], PublishedModels]  # a tenant's name -> its models (ModelStore.for_tenant)
+
+
 @dataclass(frozen=True)
 class RunnerSettings:
     max_concurrent_jobs: int = 1
@@ -82,48 +89,6 @@ def is_cancellation(err: BaseException) -> bool:
     return isinstance(err, JobCancelled | PriorsCancelled | TrainingCancelled)
 
 
-def examples_per_step(spec: JobSpec) -> int:
-    """Examples one optimizer step trains on, over all workers (class images included): the
-    unit of the core's samples_per_second."""
-    per_worker = spec.train_batch_size * spec.gradient_accumulation_steps
-    return per_worker * spec.num_workers * (2 if spec.with_prior_preservation else 1)
-
-
-class _ProgressTracker:
-    """Turns the core's progress events into job progress with an ETA, plus step timings.
-
-    Events arrive in bursts (the core forwards them every ~0.1 s), so the ETA uses the average
-    pace since the first event of this run, checkpoints and previews included, and the step
-    duration comes from the core's own throughput.
-    """
-
-    def __init__(self, clock: Callable[[], float], examples_per_step: int) -> None:
-        self._clock = clock
-        self._examples_per_step = examples_per_step
-        self._first: tuple[float, int] | None = None
-
-    def update(
-        self, step: int, total: int, loss: float, lr: float, samples_per_second: float
-    ) -> tuple[Progress, float | None]:
-        now = self._clock()
-        if self._first is None:
-            self._first = (now, step)
-        first_time, first_step = self._first
-        eta = 0.0
-        if step > first_step:
-            eta = (total - step) * (now - first_time) / (step - first_step)
-        step_seconds = self._examples_per_step / samples_per_second if samples_per_second > 0 else None
-        progress = Progress(
-            step=step,
-            total_steps=total,
-            loss=float(loss),
-            learning_rate=float(lr),
-            eta_seconds=max(0.0, eta),
-            samples_per_second=float(samples_per_second),
-        )
-        return progress, step_seconds
-
-
 class JobRunner:
     def __init__(
         self,
@@ -132,7 +97,7 @@ class JobRunner:
         events: EventLogs,
         priors: PriorsProvider,
         train: TrainFn,
-        models: PublishedModels,
+        models: TenantModels,
         settings: RunnerSettings,
         metrics: TrainerMetrics | None = None,
         clock: Callable[[], float] = time.time,
@@ -243,7 +208,7 @@ class JobRunner:
         job = self.repo.update(job_id, runs=job.runs + 1)
         log.info("job started", extra={"job_id": job_id, "run": job.runs, "model_id": spec.model_id})
 
-        if self.models.published_by(spec.model_id, job_id):  # a trainer killed while publishing
+        if self.models(job.tenant).published_by(spec.model_id, job_id):  # killed while publishing
             self.repo.transition(job_id, JobState.PUBLISHING)
             self.repo.transition(job_id, JobState.SUCCEEDED, model=f"models/{spec.model_id}")
             return
@@ -259,7 +224,11 @@ class JobRunner:
         result = self.train(
             job_id,
             spec,
-            store_settings=self.settings.store_settings,
+            # The workers open the store as the job's tenant sees it: its datasets, priors,
+            # checkpoints and models, plus the shared bases.
+            store_settings=dataclasses.replace(
+                self.settings.store_settings, namespace=namespace_of(job.tenant)
+            ),
             prior_prefix=prior_prefix,
             on_event=handler,
             cancel=cancel,
@@ -297,7 +266,7 @@ class JobRunner:
                 PriorProgressInfo(images_done=done, images_total=total), force_durable=done == total
             )
 
-        info = self.priors.generate(job.spec, on_progress=on_progress, cancel=cancel)
+        info = self.priors.generate(job.spec, tenant=job.tenant, on_progress=on_progress, cancel=cancel)
         if self.metrics is not None:
             self.metrics.prior_wait_seconds.observe(self._clock() - started)
         self.repo.update(job_id, prior_prefix=info.prefix)
@@ -348,7 +317,9 @@ class _EventHandler:
     def __init__(self, runner: JobRunner, job_id: str) -> None:
         self.runner = runner
         self.job_id = job_id
-        self._tracker = _ProgressTracker(runner._clock, examples_per_step(runner.repo.get(job_id).spec))
+        job = runner.repo.get(job_id)
+        self._tracker = ProgressTracker(runner._clock, examples_per_step(job.spec))
+        self._usage = StepUsage(job.spec.num_workers, job.progress.step)
         self._last_persist = 0.0
 
     def __call__(self, event: Any) -> None:
@@ -367,7 +338,16 @@ class _EventHandler:
             persist = now - self._last_persist >= runner.settings.progress_persist_seconds
             if persist:
                 self._last_persist = now
-            job = runner.repo.update(job_id, progress=progress, persist=persist)
+            used = self._usage.add(event.step, step_seconds)
+            job = runner.repo.get(job_id)
+            job = runner.repo.update(
+                job_id,
+                progress=progress,
+                training_step_seconds=job.training_step_seconds + used,
+                persist=persist,
+            )
+            if runner.metrics is not None and used:
+                runner.metrics.tenant_usage(job.tenant, used)
             runner.events.get(job).progress(progress)
             if runner.metrics is not None:
                 runner.metrics.observe_progress(job_id, progress.loss, progress.samples_per_second)
@@ -380,6 +360,8 @@ class _EventHandler:
             job = runner.repo.get(job_id)
             if job.state == JobState.TRAINING:
                 runner.repo.transition(job_id, JobState.PUBLISHING)
+        elif isinstance(event, StartedEvent):
+            self._usage.restart(int(event.step))
         elif isinstance(event, CheckpointEvent):
             runner.repo.update(job_id, checkpoint_step=int(event.step))
             if runner.metrics is not None:

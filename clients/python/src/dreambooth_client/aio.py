@@ -63,13 +63,21 @@ class AsyncDreamBoothClient:
         *,
         api_key: str | None = None,
         tls: bool = False,
+        ca_cert: str | os.PathLike[str] | bytes | None = None,
+        client_cert: str | os.PathLike[str] | bytes | None = None,
+        client_key: str | os.PathLike[str] | bytes | None = None,
         root_certificates: bytes | None = None,
         timeout: float | None = 30.0,
         retry: RetryPolicy | None = None,
         watch_retry: RetryPolicy | None = None,
         metadata: Sequence[tuple[str, str]] = (),
     ) -> None:
-        config = ChannelConfig(tls=tls, root_certificates=root_certificates)
+        # TLS: `ca_cert` (PEM bytes or a path; implies tls) is the CA to trust, None = the system's;
+        # `client_cert` + `client_key` are presented to servers that require mTLS.
+        # `root_certificates` is the older name of `ca_cert`.
+        config = ChannelConfig.create(
+            tls=tls, ca_cert=ca_cert or root_certificates, client_cert=client_cert, client_key=client_key
+        )
         self.timeout = timeout
         self.retry = retry or RetryPolicy()
         self.watch_retry = watch_retry or WATCH_RETRY
@@ -295,3 +303,7 @@ class AsyncDreamBoothClient:
     async def get_model(self, model: Any, *, timeout: float | None = None) -> common_pb2.Model:
         request = inference_pb2.GetModelRequest(name=messages.model_name(model))
         return (await self._unary(self.inference_stub.GetModel, request, timeout)).model
+
+    async def get_usage(self, *, timeout: float | None = None) -> trainer_pb2.GetUsageResponse:
+        """This key's tenant: training step-seconds, images generated, bytes stored, quotas."""
+        return await self._unary(self.trainer_stub.GetUsage, trainer_pb2.GetUsageRequest(), timeout)

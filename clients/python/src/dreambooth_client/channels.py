@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import grpc
 
-API_KEY_METADATA = "x-api-key"  # the metadata key the servers' auth interceptor reads
+AUTHORIZATION_METADATA = "authorization"  # `Bearer <key>`: what the servers' auth interceptor reads
 DEFAULT_TRAINER = "127.0.0.1:50051"
 DEFAULT_INFERENCE = "127.0.0.1:50053"
 TRAINER_ADDRESS_ENV = "DREAMBOOTH_TRAINER_ADDRESS"
@@ -25,21 +25,56 @@ CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 
 @dataclass(frozen=True)
 class ChannelConfig:
-    """How to reach the services: TLS or not, which CA, extra channel options."""
+    """How to reach the services: TLS or not, which CA, a client certificate (mTLS), options."""
 
     tls: bool = False
     root_certificates: bytes | None = None  # PEM; None = the system's roots
+    certificate_chain: bytes | None = None  # PEM client certificate, for servers that require one
+    private_key: bytes | None = None  # PEM key of that certificate
     options: Sequence[tuple[str, object]] = field(default=CHANNEL_OPTIONS)
 
+    def __post_init__(self) -> None:
+        if (self.certificate_chain is None) != (self.private_key is None):
+            raise ValueError("a client certificate needs its key (client_cert and client_key together)")
+
     def credentials(self) -> grpc.ChannelCredentials:
-        return grpc.ssl_channel_credentials(root_certificates=self.root_certificates)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.root_certificates,
+            private_key=self.private_key,
+            certificate_chain=self.certificate_chain,
+        )
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        tls: bool = False,
+        ca_cert: str | os.PathLike[str] | bytes | None = None,
+        client_cert: str | os.PathLike[str] | bytes | None = None,
+        client_key: str | os.PathLike[str] | bytes | None = None,
+    ) -> ChannelConfig:
+        """From PEM bytes or file paths; a CA or client certificate implies TLS."""
+        root, chain, key = (_pem(value) for value in (ca_cert, client_cert, client_key))
+        return cls(
+            tls=tls or any(v is not None for v in (root, chain, key)),
+            root_certificates=root,
+            certificate_chain=chain,
+            private_key=key,
+        )
+
+
+def _pem(value: str | os.PathLike[str] | bytes | None) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    with open(value, "rb") as source:
+        return source.read()
 
 
 def call_metadata(api_key: str | None, extra: Sequence[tuple[str, str]] = ()) -> tuple[tuple[str, str], ...]:
-    """Metadata sent with every call: the API key (when set) plus anything the caller adds."""
+    """Metadata sent with every call: `authorization: Bearer <key>` (when set) plus the caller's."""
     metadata = tuple(extra)
     if api_key:
-        metadata = ((API_KEY_METADATA, api_key), *metadata)
+        metadata = ((AUTHORIZATION_METADATA, f"Bearer {api_key}"), *metadata)
     return metadata
 
 

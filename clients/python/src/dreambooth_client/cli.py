@@ -5,10 +5,12 @@
     dreambooth jobs list | get JOB | cancel JOB | watch JOB
     dreambooth generate --model MODEL --prompt "a photo of sks dog on the moon" --n 4 --out out/
     dreambooth models list | get MODEL
+    dreambooth usage
 
 Addresses come from --trainer/--inference or DREAMBOOTH_TRAINER_ADDRESS /
-DREAMBOOTH_INFERENCE_ADDRESS; the API key from --api-key or DREAMBOOTH_API_KEY. Bad usage is an
-argparse error (exit 2); a server error is one line on stderr and exit 1.
+DREAMBOOTH_INFERENCE_ADDRESS; the API key from --api-key or DREAMBOOTH_API_KEY; TLS from --tls,
+--ca-cert and (servers that require a client certificate) --client-cert/--client-key. Bad usage
+is an argparse error (exit 2); a server error is one line on stderr and exit 1.
 """
 
 from __future__ import annotations
@@ -311,6 +313,12 @@ def cmd_models_get(client: DreamBoothClient, args: argparse.Namespace, output: O
     return 0
 
 
+def cmd_usage(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    usage = client.get_usage()
+    output.message(usage, lambda: formatting.usage_details(usage))
+    return 0
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -336,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-key", default=None, help=f"API key (env {API_KEY_ENV})")
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     parser.add_argument("--ca-cert", default=None, help="PEM file of the CA to trust (implies --tls)")
+    parser.add_argument("--client-cert", default=None, help="PEM client certificate for mTLS (implies --tls)")
+    parser.add_argument("--client-key", default=None, help="PEM key of --client-cert")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per unary call (default 30)")
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -399,22 +409,32 @@ def build_parser() -> argparse.ArgumentParser:
     models_get = model_commands.add_parser("get", help="show one model")
     models_get.add_argument("model", help="model id or models/ID")
     models_get.set_defaults(handler=cmd_models_get)
+
+    commands.add_parser("usage", help="this key's usage and quotas").set_defaults(handler=cmd_usage)
     return parser
 
 
 def make_client(args: argparse.Namespace) -> DreamBoothClient:
-    root_certificates = None
-    if args.ca_cert:
+    pems: dict[str, bytes | None] = {}
+    for flag, value in (
+        ("--ca-cert", args.ca_cert),
+        ("--client-cert", args.client_cert),
+        ("--client-key", args.client_key),
+    ):
         try:
-            root_certificates = Path(args.ca_cert).read_bytes()
+            pems[flag] = Path(value).read_bytes() if value else None
         except OSError as err:
-            raise UsageError(f"--ca-cert: {err}") from err
+            raise UsageError(f"{flag}: {err}") from err
+    if (pems["--client-cert"] is None) != (pems["--client-key"] is None):
+        raise UsageError("--client-cert and --client-key go together")
     return DreamBoothClient(
         trainer=args.trainer,
         inference=args.inference,
         api_key=args.api_key or os.environ.get(API_KEY_ENV) or None,
-        tls=args.tls or root_certificates is not None,
-        root_certificates=root_certificates,
+        tls=args.tls,
+        ca_cert=pems["--ca-cert"],
+        client_cert=pems["--client-cert"],
+        client_key=pems["--client-key"],
         timeout=args.timeout,
     )
 

@@ -141,3 +141,22 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
         "  ".join(str(cell).ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip()
         for row in (headers, *rows)
     ]
+
+
+def usage_details(usage: trainer_pb2.GetUsageResponse) -> list[str]:
+    quotas = usage.quotas
+    streams = f"limit {quotas.max_generate_streams}" if quotas.max_generate_streams else "no limit"
+
+    def limit(value: int, shown: str) -> str:
+        return f" (limit {shown})" if value else ""
+
+    return [
+        f"tenant                 {usage.tenant}",
+        f"training step-seconds  {usage.training_step_seconds:.1f}",
+        f"images generated       {usage.images_generated}",
+        f"stored                 {size(usage.stored_bytes)}"
+        + limit(quotas.max_stored_bytes, size(quotas.max_stored_bytes)),
+        f"active training jobs   {usage.active_training_jobs}"
+        + limit(quotas.max_concurrent_jobs, str(quotas.max_concurrent_jobs)),
+        f"generate streams       {streams}",
+    ]

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dreambooth.v1 import common_pb2 as dreambooth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64reambooth/v1/priorgen.proto\x12\rdreambooth.v1\x1a\x1a\x64reambooth/v1/common.proto\"\xe4\x01\n\x15GeneratePriorsRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0c\x63lass_prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\x12\n\nresolution\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12+\n\tscheduler\x18\x08 \x01(\x0e\x32\x18.dreambooth.v1.Scheduler\x12\x0c\n\x04seed\x18\t \x01(\x03\"\x81\x01\n\x16GeneratePriorsResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.dreambooth.v1.PriorProgressH\x00\x12,\n\tprior_set\x18\x02 \x01(\x0b\x32\x17.dreambooth.v1.PriorSetH\x00\x42\x07\n\x05\x65vent\"Y\n\x08PriorSet\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x11\n\tgenerated\x18\x05 \x01(\x05\x32r\n\x0fPriorGenService\x12_\n\x0eGeneratePriors\x12$.dreambooth.v1.GeneratePriorsRequest\x1a%.dreambooth.v1.GeneratePriorsResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1c\x64reambooth/v1/priorgen.proto\x12\rdreambooth.v1\x1a\x1a\x64reambooth/v1/common.proto\"\xf4\x01\n\x15GeneratePriorsRequest\x12\x12\n\nbase_model\x18\x01 \x01(\t\x12\x14\n\x0c\x63lass_prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\x12\n\nresolution\x18\x05 \x01(\x05\x12\r\n\x05steps\x18\x06 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x07 \x01(\x02\x12+\n\tscheduler\x18\x08 \x01(\x0e\x32\x18.dreambooth.v1.Scheduler\x12\x0c\n\x04seed\x18\t \x01(\x03\x12\x0e\n\x06tenant\x18\n \x01(\t\"\x81\x01\n\x16GeneratePriorsResponse\x12\x30\n\x08progress\x18\x01 \x01(\x0b\x32\x1c.dreambooth.v1.PriorProgressH\x00\x12,\n\tprior_set\x18\x02 \x01(\x0b\x32\x17.dreambooth.v1.PriorSetH\x00\x42\x07\n\x05\x65vent\"Y\n\x08PriorSet\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x0e\n\x06prefix\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12\x0e\n\x06\x63\x61\x63hed\x18\x04 \x01(\x08\x12\x11\n\tgenerated\x18\x05 \x01(\x05\x32r\n\x0fPriorGenService\x12_\n\x0eGeneratePriors\x12$.dreambooth.v1.GeneratePriorsRequest\x1a%.dreambooth.v1.GeneratePriorsResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,11 +33,11 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dreambooth.v1.priorgen_pb2'
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEPRIORSREQUEST']._serialized_start=76
-  _globals['_GENERATEPRIORSREQUEST']._serialized_end=304
-  _globals['_GENERATEPRIORSRESPONSE']._serialized_start=307
-  _globals['_GENERATEPRIORSRESPONSE']._serialized_end=436
-  _globals['_PRIORSET']._serialized_start=438
-  _globals['_PRIORSET']._serialized_end=527
-  _globals['_PRIORGENSERVICE']._serialized_start=529
-  _globals['_PRIORGENSERVICE']._serialized_end=643
+  _globals['_GENERATEPRIORSREQUEST']._serialized_end=320
+  _globals['_GENERATEPRIORSRESPONSE']._serialized_start=323
+  _globals['_GENERATEPRIORSRESPONSE']._serialized_end=452
+  _globals['_PRIORSET']._serialized_start=454
+  _globals['_PRIORSET']._serialized_end=543
+  _globals['_PRIORGENSERVICE']._serialized_start=545
+  _globals['_PRIORGENSERVICE']._serialized_end=659
 # @@protoc_insertion_point(module_scope)

@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GeneratePriorsRequest(_message.Message):
-    __slots__ = ("base_model", "class_prompt", "negative_prompt", "num_images", "resolution", "steps", "guidance_scale", "scheduler", "seed")
+    __slots__ = ("base_model", "class_prompt", "negative_prompt", "num_images", "resolution", "steps", "guidance_scale", "scheduler", "seed", "tenant")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     CLASS_PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -17,6 +17,7 @@ class GeneratePriorsRequest(_message.Message):
     GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
     SCHEDULER_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     class_prompt: str
     negative_prompt: str
@@ -26,7 +27,8 @@ class GeneratePriorsRequest(_message.Message):
     guidance_scale: float
     scheduler: _common_pb2.Scheduler
     seed: int
-    def __init__(self, base_model: _Optional[str] = ..., class_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., resolution: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[_common_pb2.Scheduler, str]] = ..., seed: _Optional[int] = ...) -> None: ...
+    tenant: str
+    def __init__(self, base_model: _Optional[str] = ..., class_prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., resolution: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[_common_pb2.Scheduler, str]] = ..., seed: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
 
 class GeneratePriorsResponse(_message.Message):
     __slots__ = ("progress", "prior_set")

@@ -291,3 +291,33 @@ class ValidationPreview(_message.Message):
     prompt: str
     image: _common_pb2.Image
     def __init__(self, step: _Optional[int] = ..., prompt: _Optional[str] = ..., image: _Optional[_Union[_common_pb2.Image, _Mapping]] = ...) -> None: ...
+
+class GetUsageRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetUsageResponse(_message.Message):
+    __slots__ = ("tenant", "training_step_seconds", "images_generated", "stored_bytes", "active_training_jobs", "quotas")
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    TRAINING_STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IMAGES_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ACTIVE_TRAINING_JOBS_FIELD_NUMBER: _ClassVar[int]
+    QUOTAS_FIELD_NUMBER: _ClassVar[int]
+    tenant: str
+    training_step_seconds: float
+    images_generated: int
+    stored_bytes: int
+    active_training_jobs: int
+    quotas: TenantQuotas
+    def __init__(self, tenant: _Optional[str] = ..., training_step_seconds: _Optional[float] = ..., images_generated: _Optional[int] = ..., stored_bytes: _Optional[int] = ..., active_training_jobs: _Optional[int] = ..., quotas: _Optional[_Union[TenantQuotas, _Mapping]] = ...) -> None: ...
+
+class TenantQuotas(_message.Message):
+    __slots__ = ("max_concurrent_jobs", "max_generate_streams", "max_stored_bytes")
+    MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_GENERATE_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    MAX_STORED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    max_concurrent_jobs: int
+    max_generate_streams: int
+    max_stored_bytes: int
+    def __init__(self, max_concurrent_jobs: _Optional[int] = ..., max_generate_streams: _Optional[int] = ..., max_stored_bytes: _Optional[int] = ...) -> None: ...

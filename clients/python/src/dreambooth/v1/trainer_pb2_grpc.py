@@ -66,6 +66,11 @@ class TrainerServiceStub:
                 request_serializer=dreambooth_dot_v1_dot_trainer__pb2.WatchTrainingJobRequest.SerializeToString,
                 response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.WatchTrainingJobResponse.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/dreambooth.v1.TrainerService/GetUsage',
+                request_serializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -116,6 +121,13 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Reports the calling tenant's usage (training, images generated, bytes stored) and quotas.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -148,6 +160,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.WatchTrainingJob,
                     request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.WatchTrainingJobRequest.FromString,
                     response_serializer=dreambooth_dot_v1_dot_trainer__pb2.WatchTrainingJobResponse.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -314,6 +331,33 @@ class TrainerService:
             '/dreambooth.v1.TrainerService/WatchTrainingJob',
             dreambooth_dot_v1_dot_trainer__pb2.WatchTrainingJobRequest.SerializeToString,
             dreambooth_dot_v1_dot_trainer__pb2.WatchTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dreambooth.v1.TrainerService/GetUsage',
+            dreambooth_dot_v1_dot_trainer__pb2.GetUsageRequest.SerializeToString,
+            dreambooth_dot_v1_dot_trainer__pb2.GetUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,
