@@ -1,0 +1,37 @@
+"""Every benchmark's `--quick` smoke run, so a benchmark never rots: it runs its project side and
+its baseline, and its last line is one JSON object with the keys the docs quote. No timing is
+asserted (speed is measured in bench/, figures in docs/benchmarks.md)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+KEYS = {
+    "priorgen.py": {"ratio_vs_batched", "baseline_images_per_s", "identical_images", "max_pixel_difference"},
+    "inference.py": {"sequential_ratio", "concurrent_vs_ideal", "concurrent_identical_images"},
+    "train.py": {"ratio", "plain_steps_per_s", "ray_steps_per_s", "job_wall_s"},
+}
+
+
+@pytest.mark.parametrize("bench", sorted(KEYS))
+def test_a_quick_run_ends_with_one_json_line_of_its_figures(bench: str, tmp_path: Path) -> None:
+    (tmp_path / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")  # Ray stays offline
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / bench), "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert KEYS[bench] <= set(result), result
+    assert all(value is not None for key, value in result.items() if key in KEYS[bench]), result
