@@ -43,6 +43,7 @@ class PretrainSettings:
     """Everything that decides the weights (recorded in the manifest)."""
 
     images: int = 11_520  # photos of the world drawn once (64 of each object x colour x background)
+    vae_images: int = 4_000  # the VAE's own photos (patterned ones among them)
     vae_steps: int = 1_500
     vae_batch: int = 32
     vae_crop: int = 32  # the VAE is convolutional: it trains on random crops, 1/4 of the cost
@@ -65,6 +66,7 @@ class PretrainSettings:
         """A handful of steps on a few photos: checks the whole path, learns nothing."""
         return cls(
             images=48,
+            vae_images=16,
             vae_steps=3,
             vae_batch=4,
             unet_steps=3,
@@ -173,9 +175,9 @@ def pretrain_base(
     try:
         started = time.perf_counter()
         photos, scenes = world_photos(seed, settings.images, patterned=0.0)
-        vae_photos, _ = world_photos(seed + 1, settings.images, patterned=settings.vae_patterned)
+        vae_photos, _ = world_photos(seed + 1, settings.vae_images, patterned=settings.vae_patterned)
         drawn_s = time.perf_counter() - started
-        log(f"drew {2 * settings.images} photos of the world in {drawn_s:.0f} s")
+        log(f"drew {settings.images + settings.vae_images} photos of the world in {drawn_s:.0f} s")
         vae, vae_report = train_vae(make_vae(seed), vae_photos, seed, settings, deadline, log)
         latents = encode_latents(vae, photos)
         tokenizer = _tokenizer(tmp / "tokenizer")

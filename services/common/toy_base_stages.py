@@ -68,7 +68,6 @@ def train_vae(
     """L1 + MSE reconstruction (+ SD's tiny KL) on random crops; then scaling_factor = 1/std."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    images = to_model_input(photos)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, settings.vae_steps, min(50, settings.vae_steps))
@@ -77,9 +76,9 @@ def train_vae(
     vae.train()
     started, step, recent = time.perf_counter(), 0, []
     for step in range(1, settings.vae_steps + 1):
-        rows = torch.randint(len(images), (settings.vae_batch,), generator=generator)
+        rows = torch.randint(len(photos), (settings.vae_batch,), generator=generator).numpy()
         top, left = (int(v) for v in torch.randint(0, 64 - crop + 1, (2,), generator=generator))
-        batch = images[rows, :, top : top + crop, left : left + crop]
+        batch = to_model_input(photos[rows, top : top + crop, left : left + crop])
         if bool(torch.rand(1, generator=generator) < 0.5):
             batch = batch.flip(3)
         posterior = vae.encode(batch).latent_dist
@@ -103,7 +102,7 @@ def train_vae(
         "stopped_early": step < settings.vae_steps,
         "seconds": round(time.perf_counter() - started, 1),
         "final_loss": round(float(np.mean(recent)), 5) if recent else None,
-        **_calibrate(vae, images),
+        **_calibrate(vae, photos),
         **_reconstruction_psnr(vae, seed, settings.eval_photos),
     }
     log(f"vae: {report}")
@@ -111,8 +110,8 @@ def train_vae(
 
 
 @torch.no_grad()
-def _calibrate(vae: Any, images: torch.Tensor) -> dict[str, float]:
-    means = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images[:512].split(64)])
+def _calibrate(vae: Any, photos: np.ndarray) -> dict[str, float]:
+    means = encode_latents(vae, photos[:512], scale=1.0)
     scale = round(1.0 / means.std().item(), 5)
     vae.register_to_config(scaling_factor=scale)
     return {"scaling_factor": scale, "latent_mean": round(means.mean().item(), 4)}
@@ -135,11 +134,14 @@ def _reconstruction_psnr(vae: Any, seed: int, count: int) -> dict[str, float]:
 
 
 @torch.no_grad()
-def encode_latents(vae: Any, photos: np.ndarray) -> torch.Tensor:
-    """Scaled latents (N, 4, 16, 16) of the photos, computed once: the VAE is frozen from here."""
-    images = to_model_input(photos)
-    latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in images.split(128)])
-    return latents * vae.config.scaling_factor
+def encode_latents(vae: Any, photos: np.ndarray, scale: float | None = None) -> torch.Tensor:
+    """Latents (N, 4, 16, 16) of the photos times `scale` (default: the VAE's scaling_factor),
+    computed once: the VAE is frozen from here."""
+    chunks = [
+        vae.encode(to_model_input(photos[first : first + 128])).latent_dist.mode()
+        for first in range(0, len(photos), 128)
+    ]
+    return torch.cat(chunks) * (vae.config.scaling_factor if scale is None else scale)
 
 
 # ---------------------------------------------------------------- stage 2: UNet + text encoder
