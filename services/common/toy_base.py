@@ -31,49 +31,13 @@ import torch
 import toyworld
 from services.common.clip_vocab import MODEL_MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
 from services.common.tiny_model import LATENT_CHANNELS, SCHEDULER_CONFIG
+from services.common.toy_base_settings import Deadline, PretrainSettings
+from services.common.toy_base_stages import encode_latents, train_unet, train_vae, world_photos
 
 MANIFEST_FILE = "pretrain_manifest.json"
 IMAGE_SIZE = 64
 VAE_DOWNSCALE = 4  # 3 VAE blocks -> 2 downsamplings: 16x16 latents at 64x64
 TEXT_WIDTH = 64
-
-
-@dataclasses.dataclass(frozen=True)
-class PretrainSettings:
-    """Everything that decides the weights (recorded in the manifest)."""
-
-    images: int = 11_520  # photos of the world drawn once (64 of each object x colour x background)
-    vae_images: int = 4_000  # the VAE's own photos (patterned ones among them)
-    vae_steps: int = 1_500
-    vae_batch: int = 32
-    vae_crop: int = 32  # the VAE is convolutional: it trains on random crops, 1/4 of the cost
-    vae_lr: float = 1e-3
-    vae_patterned: float = 0.3  # share of the VAE's photos with patterns (not held-out identities)
-    unet_steps: int = 4_000
-    unet_batch: int = 32
-    unet_lr: float = 6e-4
-    warmup_steps: int = 200
-    ema_decay: float = 0.999
-    min_snr_gamma: float = 5.0
-    drop_caption: float = 0.1  # empty caption: the unconditional branch of guidance
-    drop_colour: float = 0.15  # "a photo of a ball on the beach"
-    drop_background: float = 0.1  # "a photo of a red ball" (and with drop_colour: "a photo of a ball")
-    save_dtype: str = "float16"  # halves the committed size; loaded as float32
-    eval_photos: int = 40  # VAE PSNR: this many fresh world photos and subject photos
-
-    @classmethod
-    def quick(cls) -> PretrainSettings:
-        """A handful of steps on a few photos: checks the whole path, learns nothing."""
-        return cls(
-            images=48,
-            vae_images=16,
-            vae_steps=3,
-            vae_batch=4,
-            unet_steps=3,
-            unet_batch=4,
-            warmup_steps=1,
-            eval_photos=4,
-        )
 
 
 # ---------------------------------------------------------------- the architecture
@@ -138,17 +102,6 @@ def make_text_encoder(seed: int) -> torch.nn.Module:
 # ---------------------------------------------------------------- the run
 
 
-class Deadline:
-    """`--minutes`: a wall-clock cap. Stages stop early (and say so) when their share is spent."""
-
-    def __init__(self, minutes: float | None) -> None:
-        self.start = time.perf_counter()
-        self.seconds = None if minutes is None else minutes * 60.0
-
-    def passed(self, share: float = 1.0) -> bool:
-        return self.seconds is not None and time.perf_counter() - self.start > share * self.seconds
-
-
 def pretrain_base(
     out_dir: Path,
     seed: int,
@@ -164,8 +117,6 @@ def pretrain_base(
     Built in a temporary sibling folder and moved into place at the end, so `out_dir` is either
     the old content or a complete model. Refuses an existing `out_dir` unless `overwrite`.
     """
-    from services.common.toy_base_stages import encode_latents, train_unet, train_vae, world_photos
-
     out_dir = Path(out_dir)
     if out_dir.exists() and not overwrite:
         raise FileExistsError(f"{out_dir} exists: pass --overwrite to replace it")

@@ -18,7 +18,7 @@ import torch
 
 from services.common.toy_base import PretrainSettings, pretrain_base
 
-OVERRIDABLE = ("images", "vae_steps", "unet_steps", "unet_batch", "unet_lr")
+OVERRIDABLE = ("images", "vae_images", "vae_steps", "unet_steps", "unet_batch", "unet_lr")
 
 
 def main(argv: list[str] | None = None) -> int:

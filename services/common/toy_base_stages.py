@@ -6,18 +6,16 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from services.common.tiny_model import SCHEDULER_CONFIG
+from services.common.toy_base_settings import Deadline, PretrainSettings
 from toyworld import HELD_OUT_SUBJECTS, PLAIN, Scene, all_identities, draw_array, pretraining_scenes
 from toyworld.scene import jittered_scene, rng_for
 from toyworld.vocabulary import BACKGROUNDS, caption
-
-if TYPE_CHECKING:
-    from services.common.toy_base import Deadline, PretrainSettings
 
 Log = Callable[[str], None]
 LOG_EVERY = 100
@@ -68,7 +66,7 @@ def train_vae(
     """L1 + MSE reconstruction (+ SD's tiny KL) on random crops; then scaling_factor = 1/std."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=settings.vae_lr, weight_decay=0.0, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, settings.vae_steps, min(50, settings.vae_steps))
     )
@@ -195,7 +193,7 @@ def train_unet(
     weights = _variant_weights(settings)
     params = [*unet.parameters(), *text_encoder.parameters()]
     ema = [p.detach().clone() for p in params]
-    optimizer = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2)
+    optimizer = torch.optim.AdamW(params, lr=settings.unet_lr, weight_decay=1e-2, fused=True)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: _lr_factor(step, settings.unet_steps, settings.warmup_steps)
     )

@@ -20,17 +20,28 @@ from services.common.toy_base import MANIFEST_FILE, PretrainSettings, verify_bas
 from services.common.toy_base_stages import _variant_weights, caption_variants
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Toy sizes: a second torch thread only adds waiting on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def quick_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("toy-base") / "base"
-    assert toy_base_cli.main(["--out", str(out), "--seed", "0", "--quick"]) == 0
+    assert toy_base_cli.main(["--out", str(out), "--seed", "0", "--quick", "--threads", "1"]) == 0
     return out
 
 
 def test_quick_pretraining_writes_a_loadable_model_of_the_real_architecture(quick_base: Path) -> None:
     manifest = verify_base(quick_base)
-    assert manifest["command"] == f"dreambooth-server pretrain-base --out {quick_base} --seed 0 --quick"
-    assert manifest["seed"] == 0 and manifest["world_version"] == toyworld.WORLD_VERSION
+    command = f"dreambooth-server pretrain-base --out {quick_base} --seed 0 --quick --threads 1"
+    assert manifest["command"] == command
+    assert manifest["seed"] == 0 and manifest["threads"] == 1
+    assert manifest["world_version"] == toyworld.WORLD_VERSION
     assert manifest["world_fingerprint"] == toyworld.world_fingerprint()
     assert {"torch", "diffusers", "transformers", "numpy", "python"} <= set(manifest["versions"])
     assert manifest["stages"]["vae"]["steps"] == manifest["stages"]["unet"]["steps"] == 3
@@ -74,7 +85,8 @@ def test_overwrite_replaces_the_folder_with_the_same_bytes(quick_base: Path, tmp
     again = tmp_path / "again"
     again.mkdir()
     (again / "stale").write_text("old")
-    assert toy_base_cli.main(["--out", str(again), "--seed", "0", "--quick", "--overwrite"]) == 0
+    args = ["--out", str(again), "--seed", "0", "--quick", "--threads", "1", "--overwrite"]
+    assert toy_base_cli.main(args) == 0
     assert not (again / "stale").exists()
     first = json.loads((quick_base / MANIFEST_FILE).read_text())["files"]
     assert verify_base(again)["files"] == first
