@@ -7,7 +7,7 @@ CLIP_BPE  := $(SHARE)/bpe_simple_vocab_16e6.txt.gz
 OPEN_CLIP := open_clip_torch==3.3.0
 BUF       := npx -y @bufbuild/buf@1.75.0
 
-.PHONY: setup tools test test-slow lint proto demo up bench clean-venv
+.PHONY: setup tools test test-slow lint proto demo up bench pretrain-base clean-venv
 
 setup: $(STAMP)
 
@@ -51,6 +51,13 @@ demo: setup
 # The three services on this machine (store under ./data, local Ray); Ctrl-C stops them.
 up: setup
 	$(PY) -m services.cli up
+
+# The toy-world base model (DESIGN §6, issue 9): draws the world, trains the VAE, then UNet + text
+# encoder; about an hour on 2 cores. Its pretrain_manifest.json records the command, seed, threads,
+# settings and versions: the same ones on the same machine give the same bytes (unless --minutes
+# stopped a stage early on a slower machine; the manifest then says so).
+pretrain-base: setup
+	$(PY) -m services.cli pretrain-base --out models/toy-world-base --seed 0 --threads 2 --minutes 60 --overwrite
 
 bench: setup
 	$(PY) bench/inference.py
