@@ -129,12 +129,6 @@ class Baseline:
         return out.getvalue()
 
 
-def timed(call: Any, *args: Any) -> float:
-    started = time.perf_counter()
-    call(*args)
-    return time.perf_counter() - started
-
-
 def concurrent_seconds(
     service: BackgroundServer, clients: int, per_client: int, steps: int, seed: int
 ) -> tuple[float, list[bytes]]:
