@@ -12,13 +12,18 @@ from dreambooth_client import DreamBoothClient
 from dreambooth_client.formatting import duration, event_line, size
 
 from demo.console import say
+from demo.subject import SUBJECT
+from toybench.dreambooth import class_prompt as toybench_class_prompt
+from toybench.dreambooth import instance_prompt as toybench_instance_prompt
+from toybench.recipes import DREAMBOOTH
 
-BASE_MODEL = "tiny-sd"
+BASE_MODEL = "toy-world"  # the committed toy-world base (`up` imports it into an empty store)
 TOKEN = "sks"
-SUBJECT_CLASS = "ball"
 RESOLUTION = 64
 PROGRESS_EVERY = 20  # print every 20th training step (the SDK sees them all)
 LOSS_WINDOW = 20  # the per-step loss is noisy (random timesteps): compare means of this many steps
+BACKGROUNDS = ("beach", "snow", "night", "studio")
+SAMPLING = {"steps": 20, "seed": 0}  # the services' default guidance and scheduler
 
 
 @dataclass
@@ -28,8 +33,10 @@ class DemoResult:
     model: str = ""
     losses: list[float] = field(default_factory=list)
     previews: list[Path] = field(default_factory=list)
+    class_before: list[bytes] = field(default_factory=list)  # the base model's "a photo of a ball"
+    composed: dict[str, list[bytes]] = field(default_factory=dict)  # background -> fine-tune's images
+    class_after: list[bytes] = field(default_factory=list)  # the fine-tune's "a photo of a ball"
     generated: list[Path] = field(default_factory=list)
-    base_images: list[Path] = field(default_factory=list)
     phases: dict[str, float] = field(default_factory=dict)
 
 
@@ -38,34 +45,42 @@ def train_and_generate(
 ) -> DemoResult:
     result = DemoResult()
     started = time.monotonic()
+    recipe = DREAMBOOTH
 
-    say(f"\nuploading {len(photos)} subject photos")
+    say(f"\nuploading {len(photos)} photos of the subject ({SUBJECT.description})")
     dataset = client.upload_images(photos)
     result.dataset = dataset.name
     say(f"  {dataset.name} ({dataset.image_count} images, {size(dataset.size_bytes)})")
 
-    instance_prompt = f"a photo of {TOKEN} {SUBJECT_CLASS}"
+    class_prompt = toybench_class_prompt(SUBJECT)
+    say(f"\nthe base model before training: {args.images} images of {class_prompt!r}")
+    before = client.generate(BASE_MODEL, class_prompt, num_images=args.images, **SAMPLING)
+    result.class_before = [image.data for image in before]
+    result.generated += save_images(before, out_dir, "base-class")
+
+    instance_prompt = f"a photo of {TOKEN} {SUBJECT.object}"
     job = client.create_training_job(
         base_model=BASE_MODEL,
         dataset=dataset,
         instance_prompt=instance_prompt,
-        class_prompt=f"a photo of {SUBJECT_CLASS}",
+        class_prompt=class_prompt,
         with_prior_preservation=True,
         num_class_images=args.class_images,
-        prior_steps=20,
+        prior_steps=recipe.prior_steps,
         max_train_steps=args.steps,
         learning_rate=args.lr,
+        train_batch_size=recipe.train_batch_size,
         resolution=RESOLUTION,
         num_workers=args.workers,
         seed=0,
         checkpointing_steps=max(1, args.steps // 2),
-        validation_prompts=[f"{instance_prompt} on the moon"],
+        validation_prompts=[f"{instance_prompt} on the beach"],
         validation_steps=max(1, args.steps // 2),
         random_flip=True,
     )
     result.job = job.name
     say(
-        f"\ntraining {job.name}: {args.steps} steps at {RESOLUTION}x{RESOLUTION}, "
+        f"\ntraining {job.name}: {args.steps} steps at {RESOLUTION}x{RESOLUTION}, lr {args.lr:g}, "
         f"{args.workers} Ray worker(s), prior preservation with {args.class_images} class images"
     )
     preview_dir = out_dir / "previews"
@@ -85,21 +100,24 @@ def train_and_generate(
         say("  " + event_line(event))
 
     upload_done = time.monotonic()
-    result.phases["upload"] = upload_done - started
+    result.phases["upload and base samples"] = upload_done - started
     final = client.wait(
         job, on_event=on_event, check=True, timeout=max(60.0, args.deadline - time.monotonic())
     )
     result.model = final.model
     result.phases["training job (priors + train + publish)"] = time.monotonic() - upload_done
 
-    prompt = f"a photo of {TOKEN} {SUBJECT_CLASS} on the moon"
-    say(f"\ngenerating {args.images} images of {prompt!r} from {final.model}")
     generate_started = time.monotonic()
-    options = {"num_images": args.images, "steps": 20, "guidance_scale": 7.5, "seed": 0}
-    images = client.generate(final.model, prompt, **options)
-    result.generated = save_images(images, out_dir, "finetuned")
-    base_images = client.generate(BASE_MODEL, prompt, **options)  # same seeds: a side-by-side
-    result.base_images = save_images(base_images, out_dir, "base")
+    for background in BACKGROUNDS:
+        prompt = toybench_instance_prompt(SUBJECT, background)
+        say(f"generating {args.images} images of {prompt!r}")
+        images = client.generate(final.model, prompt, num_images=args.images, **SAMPLING)
+        result.composed[background] = [image.data for image in images]
+        result.generated += save_images(images, out_dir, f"sks-{background}")
+    say(f"generating {args.images} images of {class_prompt!r} after training")
+    after = client.generate(final.model, class_prompt, num_images=args.images, **SAMPLING)
+    result.class_after = [image.data for image in after]
+    result.generated += save_images(after, out_dir, "tuned-class")
     result.phases["generate"] = time.monotonic() - generate_started
     return result
 
@@ -113,9 +131,9 @@ def save_images(images: list, out_dir: Path, label: str) -> list[Path]:
     return paths
 
 
-def print_summary(result: DemoResult, photos: list[Path], log_dir: Path, wall: float) -> None:
+def print_summary(result: DemoResult, photos: list[Path], log_dir: Path, wall: float, sheet: Path) -> None:
     say("\n=== DreamBooth demo: done ===")
-    say(f"subject photos:  {photos[0].parent}/ ({len(photos)} images)")
+    say(f"subject photos:  {photos[0].parent}/ ({len(photos)} images of {SUBJECT.description})")
     say(f"dataset:         {result.dataset}")
     say(f"training job:    {result.job}")
     say(f"model:           {result.model}")
@@ -124,19 +142,11 @@ def print_summary(result: DemoResult, photos: list[Path], log_dir: Path, wall: f
         last = sum(result.losses[-LOSS_WINDOW:]) / LOSS_WINDOW
         window = f"means of {LOSS_WINDOW} steps"
         say(f"training loss:   {first:.3f} at the start -> {last:.3f} at the end ({window})")
-    for label, paths in (
-        ("previews", result.previews),
-        ("fine-tuned", result.generated),
-        ("base model", result.base_images),
-    ):
-        for path in paths:
-            say(f"{label + ':':<17}{path}")
+    for path in result.previews:
+        say(f"preview:         {path}")
+    say(f"images:          {len(result.generated)} in {result.generated[0].parent}/")
+    say(f"contact sheet:   {sheet}")
     say(f"service logs:    {log_dir}/")
     for phase, seconds in result.phases.items():
         say(f"time, {phase}: {duration(seconds)}")
     say(f"wall time:       {duration(wall)}")
-    say(
-        "\nnote: the tiny base model has random weights, so every image it or its fine-tune makes is\n"
-        "coloured noise. The demo proves the path (upload, priors, Ray Train, publish, inference),\n"
-        "not image quality: import a real Stable Diffusion checkpoint for that."
-    )

@@ -74,7 +74,7 @@ class LogFiles:
 
 
 def import_base_model(base_model: str, store_dir: Path, work_dir: Path, log_dir: Path) -> None:
-    """The tiny model as `base_model` in the demo's store, unless an earlier run put it there."""
+    """The toy-world base as `base_model` in the demo's store, unless an earlier run put it there."""
     with LogFiles(log_dir) as logs:
         ensure_base_model(
             store_dir,

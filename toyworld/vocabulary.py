@@ -86,17 +86,29 @@ def parse_prompt(prompt: str) -> dict[str, str]:
 
     Only what the prompt says is returned: "a photo of sks ball in the snow" gives
     {"object": "ball", "background": "snow"}. A colour counts only right before the object
-    noun, so the "white" of "with a white stripe" is not the object's colour.
+    noun, or before the identifier in front of it ("a photo of a blue sks ball"), so the "white"
+    of "with a white stripe" is not the object's colour.
     """
     words = _WORD.findall(prompt.lower())
     found: dict[str, str] = {}
     for index, word in enumerate(words):
         if word in OBJECTS and "object" not in found:
             found["object"] = word
-            if index > 0 and words[index - 1] in COLOURS:
-                found["colour"] = words[index - 1]
+            before = words[max(0, index - 2) : index]
+            if before and before[-1] in COLOURS:
+                found["colour"] = before[-1]
+            elif len(before) == 2 and before[0] in COLOURS and not _is_world_word(before[1]):
+                found["colour"] = before[0]
     text = " ".join(words)
     for background, phrase in BACKGROUND_PHRASES.items():
         if phrase in text:
             found["background"] = background
     return found
+
+
+def _is_world_word(word: str) -> bool:
+    return word in OBJECTS or word in COLOURS or word in PATTERN_COLOURS or word in PHRASE_WORDS
+
+
+# Words of the captions' own phrases: never an identifier.
+PHRASE_WORDS = frozenset(" ".join([*BACKGROUND_PHRASES.values(), "a an photo of with", *PATTERNS]).split())

@@ -15,7 +15,6 @@ is a general image codec and also sees patterned objects (never a held-out subje
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -31,10 +30,10 @@ import torch
 import toyworld
 from services.common.clip_vocab import MODEL_MAX_LENGTH, VOCAB_SIZE, write_clip_tokenizer
 from services.common.tiny_model import LATENT_CHANNELS, SCHEDULER_CONFIG
+from services.common.toy_base_files import MANIFEST_FILE, folder_digests
 from services.common.toy_base_settings import Deadline, PretrainSettings
 from services.common.toy_base_stages import encode_latents, train_unet, train_vae, world_photos
 
-MANIFEST_FILE = "pretrain_manifest.json"
 IMAGE_SIZE = 64
 VAE_DOWNSCALE = 4  # 3 VAE blocks -> 2 downsamplings: 16x16 latents at 64x64
 TEXT_WIDTH = 64
@@ -224,31 +223,3 @@ def versions() -> dict[str, str]:
         "numpy": numpy.__version__,
         "toyworld": toyworld.WORLD_VERSION,
     }
-
-
-def folder_digests(folder: Path) -> dict[str, str]:
-    """sha256 of every file in the folder but the manifest, by relative path."""
-    return {
-        path.relative_to(folder).as_posix(): hashlib.sha256(path.read_bytes()).hexdigest()
-        for path in sorted(folder.rglob("*"))
-        if path.is_file() and path.name != MANIFEST_FILE
-    }
-
-
-def verify_base(folder: Path) -> dict[str, Any]:
-    """The folder's manifest, after checking it is of this world and every digest matches."""
-    folder = Path(folder)
-    path = folder / MANIFEST_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{folder} has no {MANIFEST_FILE}: not a pretrained toy-world base")
-    manifest = json.loads(path.read_text())
-    if manifest.get("world_version") != toyworld.WORLD_VERSION:
-        raise ValueError(
-            f"{folder} was pretrained on toy world version {manifest.get('world_version')!r}, "
-            f"this is version {toyworld.WORLD_VERSION!r}"
-        )
-    actual = folder_digests(folder)
-    if actual != manifest["files"]:
-        changed = sorted(set(actual.items()) ^ set(manifest["files"].items()))
-        raise ValueError(f"{folder} does not match its manifest: {sorted({name for name, _ in changed})}")
-    return manifest

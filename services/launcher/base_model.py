@@ -1,9 +1,11 @@
-"""The base model of a fresh local store: the tiny Stable Diffusion, imported on first start.
+"""The base model of a fresh local store, imported on first start.
 
-A store with no base model gets the tiny model (seed 0) under the id asked for. A store that has
-base models is never changed: the id asked for must be one of them. The tiny model is built by
-`dreambooth-server make-tiny-model` in a child process (torch stays out of the launcher), then
-published with the model store; its build folder is removed afterwards.
+A store with no base model gets, under the id asked for, the committed toy-world base
+(models/toy-world-base: a Stable Diffusion pretrained on the toy world, so DreamBooth visibly
+learns), or the tiny random model when the id is `tiny-sd` (seconds to build; pictures are noise).
+A store that has base models is never changed: the id asked for must be one of them. The tiny
+model is built by `dreambooth-server make-tiny-model` in a child process (torch stays out of the
+launcher), then published with the model store; its build folder is removed afterwards.
 """
 
 from __future__ import annotations
@@ -17,8 +19,11 @@ from pathlib import Path
 
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore, validate_model_id
+from services.common.toy_base_files import COMMITTED_BASE, verify_base
 from services.launcher.children import Child, LineSink, describe_exit
 
+TINY_MODEL_ID = "tiny-sd"
+TOY_WORLD_BASE_ID = "toy-world"
 TINY_MODEL_SEED = 0
 TINY_MODEL_NAME = "tiny-model"  # the name on its build's output lines
 
@@ -90,6 +95,42 @@ def import_tiny_model(
     )
 
 
+def import_toy_world_base(store_dir: Path, model_id: str, *, say: Callable[[str], None]) -> None:
+    """Publish the committed toy-world base (its digests checked first) as the base `model_id`."""
+    started = time.monotonic()
+    try:
+        pretrained = verify_base(COMMITTED_BASE)
+    except (OSError, ValueError) as err:
+        raise BaseModelError(f"the committed toy-world base cannot be used: {err}") from None
+    with tempfile.TemporaryDirectory(prefix=".toy-base-import.", dir=store_dir.parent) as work:
+        models = ModelStore(LocalObjectStore(store_dir), Path(work))
+        labels = {"source": "toy-world-base", "world": str(pretrained["world_version"])}
+        manifest = models.import_folder(COMMITTED_BASE, model_id, kind="base", labels=labels)
+    say(
+        f"imported base model {model_id} ({len(manifest.files)} files, {manifest.size_bytes / 1e6:.1f} MB) "
+        f"in {time.monotonic() - started:.1f} s: pretrained on the toy world, 64x64"
+    )
+
+
+def import_base_model(
+    store_dir: Path,
+    model_id: str,
+    *,
+    env: Mapping[str, str],
+    sink: LineSink,
+    say: Callable[[str], None],
+    check: Callable[[], None] = lambda: None,
+    scratch_dir: Path | None = None,
+) -> None:
+    """The tiny model under `tiny-sd`, else the toy-world base under `model_id` (an empty store)."""
+    if model_id == TINY_MODEL_ID:
+        import_tiny_model(
+            store_dir, model_id, env=env, sink=sink, say=say, check=check, scratch_dir=scratch_dir
+        )
+    else:
+        import_toy_world_base(store_dir, model_id, say=say)
+
+
 def ensure_base_model(
     store_dir: Path,
     model_id: str,
@@ -99,9 +140,9 @@ def ensure_base_model(
     say: Callable[[str], None],
     scratch_dir: Path | None = None,
 ) -> bool:
-    """needs_import, then import_tiny_model when needed; True when it was imported now."""
+    """needs_import, then import_base_model when needed; True when it was imported now."""
     if not needs_import(store_dir, model_id):
         say(f"base model {model_id} is in the store")
         return False
-    import_tiny_model(store_dir, model_id, env=env, sink=sink, say=say, scratch_dir=scratch_dir)
+    import_base_model(store_dir, model_id, env=env, sink=sink, say=say, scratch_dir=scratch_dir)
     return True

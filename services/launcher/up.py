@@ -24,7 +24,7 @@ from types import FrameType
 from typing import TextIO
 
 from services.common.errors import DomainError
-from services.launcher.base_model import BaseModelError, import_tiny_model, needs_import
+from services.launcher.base_model import TOY_WORLD_BASE_ID, BaseModelError, import_base_model, needs_import
 from services.launcher.children import Child
 from services.launcher.plan import DEFAULT_PORTS, Layout, Plan, PlanError, ServicePlan, plan_services
 from services.launcher.supervisor import (
@@ -36,7 +36,7 @@ from services.launcher.supervisor import (
 )
 
 PROG = "dreambooth-server up"
-DEFAULT_BASE_MODEL = "tiny-sd"
+DEFAULT_BASE_MODEL = TOY_WORLD_BASE_ID
 NAME_WIDTH = len("[tiny-model]")  # the longest name in the stream
 
 EPILOG = f"""\
@@ -79,7 +79,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--base-model-id",
         default=os.environ.get("DREAMBOOTH_INFERENCE_DEFAULT_MODEL") or DEFAULT_BASE_MODEL,
-        help="the base model inference loads at start; an empty store gets the tiny model under this id "
+        help="the base model inference loads at start; an empty store gets the committed toy-world base "
+        "under this id (the tiny random model when it is tiny-sd) "
         f"(default: DREAMBOOTH_INFERENCE_DEFAULT_MODEL, else {DEFAULT_BASE_MODEL})",
     )
     parser.add_argument(
@@ -167,7 +168,7 @@ class Up:
         try:
             supervisor.start(["priorgen", "trainer"])
             if import_needed:  # while those two start
-                import_tiny_model(
+                import_base_model(
                     layout.store_dir,
                     self.args.base_model_id,
                     env=plan.services["priorgen"].env,

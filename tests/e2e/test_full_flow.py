@@ -1,6 +1,7 @@
-"""The whole flow on the tiny model: upload -> priors -> train on Ray (2 workers) -> publish ->
-generate with the fine-tuned model through the inference service, all over real gRPC on loopback
-and one S3 bucket."""
+"""The whole flow on the committed toy-world base: upload a held-out subject's photos -> priors ->
+train on Ray (2 workers) -> publish -> generate with the fine-tuned model through the inference
+service, all over real gRPC on loopback and one S3 bucket. (That the fine-tune learns the
+subject is tests/integration/test_learning.py's business: here, a few steps.)"""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc, trainer
 from PIL import Image
 
 from services.common.model_store import ModelStore
-from tests.fixtures.trainer_server import RunningTrainer, make_png, tiny_spec
+from services.common.toy_base_files import COMMITTED_BASE
+from tests.fixtures.trainer_server import RunningTrainer, tiny_spec
+from toyworld import subject
 
 S = trainer_pb2
 
@@ -20,18 +23,26 @@ def test_upload_train_with_priors_then_generate(
     trainer_server: RunningTrainer, inference_server, model_store: ModelStore
 ) -> None:
     trainer = trainer_server
-    dataset = trainer.upload([make_png(seed) for seed in range(4)])
+    model_store.import_folder(COMMITTED_BASE, "toy-world")
+    photos = []
+    for photo in subject("striped-ball").photos(count=4):
+        buffer = io.BytesIO()
+        photo.save(buffer, format="PNG")
+        photos.append(buffer.getvalue())
+    dataset = trainer.upload(photos)
     assert dataset.image_count == 4
 
     spec = tiny_spec(
         dataset.name,
+        base_model="models/toy-world",
+        instance_prompt="a photo of sks ball",
         with_prior_preservation=True,
-        class_prompt="a photo of dog",
+        class_prompt="a photo of a ball",
         num_class_images=4,
         prior_steps=4,
         max_train_steps=10,
         checkpointing_steps=5,
-        model_id="e2e-sks-dog",
+        model_id="e2e-sks-ball",
     )
     job = trainer.create(spec, request_id="e2e")
     events = trainer.watch(job.name)
@@ -44,11 +55,11 @@ def test_upload_train_with_priors_then_generate(
         S.TRAINING_JOB_STATE_SUCCEEDED,
     ], events[-1].state_change.error_message
     done = events[-1].state_change
-    assert done.model == "models/e2e-sks-dog"
+    assert done.model == "models/e2e-sks-ball"
 
-    manifest = model_store.get("e2e-sks-dog")
-    base = model_store.get("tiny-sd")
-    assert manifest.base_model == "tiny-sd"
+    manifest = model_store.get("e2e-sks-ball")
+    base = model_store.get("toy-world")
+    assert manifest.base_model == "toy-world"
     # Unchanged components share their blobs with the base (the VAE is never trained).
     shared = {path for path, entry in manifest.files.items() if base.files.get(path) == entry}
     assert any(path.startswith("vae/") for path in shared)
@@ -57,7 +68,7 @@ def test_upload_train_with_priors_then_generate(
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         request = inference_pb2.GenerateRequest(
             model=done.model,
-            prompt="a photo of sks dog on the moon",
+            prompt="a photo of sks ball on the beach",
             num_images=1,
             steps=4,
             seed=3,

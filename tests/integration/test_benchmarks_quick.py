@@ -6,20 +6,33 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from services.common.toy_base_files import COMMITTED_BASE, MANIFEST_FILE
+
 ROOT = Path(__file__).resolve().parents[2]
 KEYS = {
     "priorgen.py": {"ratio_vs_batched", "baseline_images_per_s", "identical_images", "max_pixel_difference"},
     "inference.py": {"sequential_ratio", "concurrent_vs_ideal", "concurrent_identical_images"},
     "train.py": {"ratio", "plain_steps_per_s", "ray_steps_per_s", "job_wall_s"},
+    "quality.py": {
+        "subject_fidelity_ratio",
+        "prompt_fidelity",
+        "class_accuracy_drop",
+        "other_class_accuracy_drop",
+        "prior_beats_no_prior",
+        "lora_ratio",
+        "rows",
+    },
 }
 
 
+@pytest.mark.timeout(900)  # quality.py --quick fine-tunes four recipes
 @pytest.mark.parametrize("bench", sorted(KEYS))
 def test_a_quick_run_ends_with_one_json_line_of_its_figures(bench: str, tmp_path: Path) -> None:
     (tmp_path / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")  # Ray stays offline
@@ -28,10 +41,27 @@ def test_a_quick_run_ends_with_one_json_line_of_its_figures(bench: str, tmp_path
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=840,
         env={**os.environ, "HOME": str(tmp_path), "RAY_USAGE_STATS_ENABLED": "0"},
     )
     assert done.returncode == 0, done.stderr[-3000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert KEYS[bench] <= set(result), result
     assert all(value is not None for key, value in result.items() if key in KEYS[bench]), result
+
+
+def test_the_quality_benchmark_refuses_a_model_of_another_world(tmp_path: Path) -> None:
+    other = tmp_path / "other-world"
+    shutil.copytree(COMMITTED_BASE, other)
+    manifest = json.loads((other / MANIFEST_FILE).read_text())
+    manifest["world_fingerprint"] = "f" * 64
+    (other / MANIFEST_FILE).write_text(json.dumps(manifest))
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "quality.py"), "--quick", "--base", str(other)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "another drawing of the toy world" in done.stderr and "Traceback" not in done.stderr

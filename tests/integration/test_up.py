@@ -1,7 +1,7 @@
 """`dreambooth-server up` for real: the three services as its children, on free loopback ports.
 
-First start on an empty data dir: the tiny model is imported, the SDK lists it and generates
-with it through the inference service, SIGTERM stops everything with status 0. A start on a data
+First start on an empty data dir: the committed toy-world base is imported, the SDK lists it and
+generates with it through the inference service, SIGTERM stops everything with status 0. A start on a data
 dir that already has the model does not import it again, and a service killed with SIGKILL makes
 `up` stop the others and exit 1. Every PID is checked afterwards, with the processes of its
 session (the trainer's Ray), and anything left would be ended here and fail the test.
@@ -37,7 +37,7 @@ STOP_TIMEOUT_S = 90.0  # up gives the services 60 s, then ends what is left
 class UpProcess:
     """`python -m services.cli up` with its output collected line by line."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, *args: str) -> None:
         self.ports = {name: free_port() for name in SERVICES}
         env = {k: v for k, v in os.environ.items() if not k.startswith(("DREAMBOOTH_", "RAY_"))}
         for name, port in self.ports.items():
@@ -45,7 +45,7 @@ class UpProcess:
             env[f"{env_prefix(name)}METRICS_PORT"] = "0"
         self.started = time.monotonic()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir)],
+            [sys.executable, "-m", "services.cli", "up", "--data-dir", str(data_dir), *args],
             cwd=REPO_ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -110,8 +110,8 @@ class UpProcess:
 def start_up() -> Iterator:
     runs: list[UpProcess] = []
 
-    def start(data_dir: Path) -> UpProcess:
-        runs.append(UpProcess(data_dir))
+    def start(data_dir: Path, *args: str) -> UpProcess:
+        runs.append(UpProcess(data_dir, *args))
         return runs[-1]
 
     yield start
@@ -119,29 +119,29 @@ def start_up() -> Iterator:
         run.end()
 
 
-def manifest_path(data_dir: Path) -> Path:
-    return data_dir / "store" / "models" / "tiny-sd" / "manifest.json"
+def manifest_path(data_dir: Path, model_id: str) -> Path:
+    return data_dir / "store" / "models" / model_id / "manifest.json"
 
 
-def test_up_imports_the_tiny_model_serves_and_stops_on_sigterm(tmp_path: Path, start_up) -> None:
+def test_up_imports_the_toy_world_base_serves_and_stops_on_sigterm(tmp_path: Path, start_up) -> None:
     data_dir = tmp_path / "data"
     up = start_up(data_dir)
     ready_s = up.wait_ready()
     print(f"first start: ready in {ready_s:.1f} s")
-    assert "imported base model tiny-sd" in up.output
-    assert manifest_path(data_dir).is_file()
+    assert "imported base model toy-world" in up.output
+    assert manifest_path(data_dir, "toy-world").is_file()
     assert sorted(up.pids()) == sorted(SERVICES)
-    for name in (*SERVICES, "tiny-model"):  # one stream, every line with its process's name
+    for name in SERVICES:  # one stream, every line with its process's name
         assert re.search(rf"^\[{name}\] +\S", up.output, re.MULTILINE), name
 
     with DreamBoothClient(
         trainer=up.address("trainer"), inference=up.address("inference"), timeout=30
     ) as client:
         models = {model.name: model for model in client.list_models()}
-        assert "models/tiny-sd" in models
-        assert client.get_model("tiny-sd").name == "models/tiny-sd"
+        assert "models/toy-world" in models
+        assert client.get_model("toy-world").name == "models/toy-world"
         assert list(client.list_training_jobs()) == []  # the trainer answers too
-        images = client.generate("tiny-sd", "a photo of a red ball", steps=4, width=64, height=64, seed=0)
+        images = client.generate("toy-world", "a photo of a red ball", steps=4, width=64, height=64, seed=0)
     assert len(images) == 1 and images[0].data.startswith(b"\x89PNG") and images[0].seed == 0
 
     pids = up.pids()
@@ -163,14 +163,14 @@ def test_up_keeps_an_imported_model_and_exits_1_when_a_service_dies(
     data_dir = tmp_path / "data"  # the state a first start leaves: tiny-sd in the store
     models = ModelStore(LocalObjectStore(data_dir / "store"), tmp_path / "import-cache")
     models.import_folder(tiny_model_dir, "tiny-sd", kind="base")
-    manifest = manifest_path(data_dir).read_bytes()
+    manifest = manifest_path(data_dir, "tiny-sd").read_bytes()
 
-    up = start_up(data_dir)
+    up = start_up(data_dir, "--base-model-id", "tiny-sd")
     ready_s = up.wait_ready()
     print(f"start with the model in the store: ready in {ready_s:.1f} s")
     assert "base model tiny-sd is in the store" in up.output
     assert "[tiny-model]" not in up.output and "imported base model" not in up.output
-    assert manifest_path(data_dir).read_bytes() == manifest  # not imported again
+    assert manifest_path(data_dir, "tiny-sd").read_bytes() == manifest  # not imported again
 
     pids = up.pids()
     os.kill(pids["trainer"], signal.SIGKILL)  # the one with Ray processes of its own

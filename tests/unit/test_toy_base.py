@@ -16,7 +16,8 @@ import toyworld
 from services import cli
 from services.common import toy_base_cli
 from services.common.pipelines import load_pipeline
-from services.common.toy_base import MANIFEST_FILE, PretrainSettings, verify_base
+from services.common.toy_base import PretrainSettings
+from services.common.toy_base_files import MANIFEST_FILE, verify_base
 from services.common.toy_base_stages import _variant_weights, caption_variants
 
 

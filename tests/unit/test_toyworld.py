@@ -100,6 +100,10 @@ def test_parse_prompt_reads_only_what_a_prompt_names() -> None:
     assert "with a white stripe" in striped
     assert parse_prompt(striped)["colour"] == "red"  # the stripe's white is not the ball's colour
     assert parse_prompt(HELD_OUT_SUBJECTS[0].scenes(1)[0].caption("sks")).keys() == {"object", "background"}
+    # a property change names a colour before the identifier; a world word in between is no identifier
+    assert parse_prompt("a photo of a blue sks ball")["colour"] == "blue"
+    assert "colour" not in parse_prompt("a photo of a blue on ball")
+    assert "colour" not in parse_prompt("a ball with white dots and a cube")
 
 
 def test_held_out_subjects_are_patterned_instances_in_varied_contexts() -> None:
