@@ -9,7 +9,7 @@ loop and prior-generation core (toybench.dreambooth), then sampled on ToyBench's
 (toybench.evaluation: 5 recontextualisations, 5 property changes, the class prompt, the other
 classes), `--images-per-prompt` images each. Rows: the real photos (upper bound), the base model
 (lower bound: it has never seen the subject), then one row per recipe. Each figure is the mean
-over subjects x seeds; `spread` is their standard deviation. `--quick` (one subject, two images
+over subjects x seeds; `spread` is their standard deviation. `--quick` (one subject, one image
 per prompt: the same keys, a smoke run, not figures to quote) is run by `make test`.
 
 The last line is one JSON object: subject_fidelity_ratio (DreamBooth with priors / real photos),
@@ -50,12 +50,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-images", type=int, default=16, help="images of the class prompt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="keep the store (models, priors) here")
-    parser.add_argument("--quick", action="store_true", help="one subject, 2 images per prompt: a smoke run")
+    parser.add_argument("--quick", action="store_true", help="one subject, 1 image per prompt: a smoke run")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.subjects = args.subjects or ",".join(QUICK_SUBJECTS)
-        args.images_per_prompt, args.class_images = 2, 8
+        args.images_per_prompt, args.class_images = 1, 4
     subjects = (
         [subject(name) for name in args.subjects.split(",")] if args.subjects else list(HELD_OUT_SUBJECTS)
     )

@@ -5,11 +5,12 @@ follow the spec."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
@@ -180,3 +181,20 @@ def test_lora_runs_resume_from_adapter_checkpoints(settings: StoreSettings) -> N
     resumed = _run(settings, spec, "job-lora-resume")
     assert [p.step for p in _progress(resumed)] == [3, 4]
     assert _models(settings).get("lora-resumed").kind == "lora"
+
+
+def test_a_base_stored_in_half_precision_trains_its_text_encoder(
+    settings: StoreSettings, tiny_model_dir: Path, tmp_path: Path
+) -> None:
+    # The committed toy-world base is stored as float16; transformers loads a stored dtype as is.
+    half = tmp_path / "half-model"
+    shutil.copytree(tiny_model_dir, half)
+    for weights in half.rglob("*.safetensors"):
+        save_file({name: value.half() for name, value in load_file(str(weights)).items()}, str(weights))
+    config = half / "text_encoder" / "config.json"
+    config.write_text(config.read_text().replace('"float32"', '"float16"'))
+    _models(settings).import_folder(half, "half-base")
+    spec = _spec(base_model="half-base", max_train_steps=1, train_text_encoder=True, model_id="from-half")
+    runtime = _run(settings, spec, "job-half")
+    assert all(torch.isfinite(torch.tensor(p.loss)) for p in _progress(runtime))
+    assert _models(settings).exists("from-half")

@@ -36,13 +36,16 @@ def load_base_model(folder: Path) -> Models:
     from diffusers.models.attention_processor import AttnProcessor2_0
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True)
+    # Weights may be stored in half precision (the committed toy-world base is), and transformers
+    # loads a stored dtype as it is: every module starts as float32, configure_trainable decides.
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", use_safetensors=True).float()
     unet.set_attn_processor(AttnProcessor2_0())  # SDPA: flash / memory-efficient kernels on GPU
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True)
     return Models(
         folder=folder,
         tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
-        text_encoder=CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", use_safetensors=True),
-        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True),
+        text_encoder=text_encoder.float(),
+        vae=AutoencoderKL.from_pretrained(folder, subfolder="vae", use_safetensors=True).float(),
         unet=unet,
         noise_scheduler=DDPMScheduler.from_pretrained(folder, subfolder="scheduler"),
     )
