@@ -7,7 +7,9 @@
 
 A request is validated completely (model existence, sizes, prompt tokens) before any model is
 loaded; admission bounds the requests waiting for a batch (past it ResourceExhausted at once);
-torch runs only in the batcher's worker threads, never on the event loop.
+torch runs only in the batcher's worker threads, never on the event loop. A LoRA model runs on
+its base's loaded pipeline with its adapter (model cache + adapter cache): its requests batch
+with those of every other LoRA of that base, and of the base itself.
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from pathlib import Path
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.model_store import ModelManifest, ModelStore, validate_model_id
+from services.inference.adapter_cache import AdapterCache
 from services.inference.batcher import Batcher
 from services.inference.job import Job
+from services.inference.lora import LoraAdapter
 from services.inference.metrics import InferenceMetrics
-from services.inference.model_cache import ModelCache
+from services.inference.model_cache import LoadedModel, ModelCache
 from services.inference.model_specs import ModelSpec, ModelSpecs
 from services.inference.params import FinalImage, GenerateEvent, GenerateParams
 from services.inference.sampler import Sampler
@@ -101,6 +105,9 @@ class InferenceCore:
             dtype=settings.dtype,
             metrics=metrics.cache,
         )
+        self.adapters = AdapterCache(
+            models, max_bytes=settings.adapter_cache_max_bytes, metrics=metrics.adapters
+        )
         self.sampler = Sampler(metrics, settings.preview_max_size)
         self.batcher = Batcher(
             self._run_batch,
@@ -157,8 +164,8 @@ class InferenceCore:
         try:
             spec = await asyncio.to_thread(self.specs.get, params.model_id)  # NotFound; no weights
             params = with_seed(self._check_against(spec, params))
-            model = await asyncio.to_thread(self.cache.get, spec)
-            job = Job(params, model, asyncio.get_running_loop(), on_start=ticket.release)
+            model, adapter = await asyncio.to_thread(self._load, spec)
+            job = Job(params, model, asyncio.get_running_loop(), on_start=ticket.release, adapter=adapter)
             self.batcher.submit(job)
             first_image = True
             async for event in job.events():
@@ -185,7 +192,13 @@ class InferenceCore:
             default_height=spec.default_height,
             count_tokens=spec.count_tokens,
             max_tokens=spec.max_tokens,
+            is_lora=spec.is_lora,
         )
+
+    def _load(self, spec: ModelSpec) -> tuple[LoadedModel, LoraAdapter | None]:
+        """The pipeline a request on `spec` runs on, and its adapter for a LoRA model."""
+        model = self.cache.get(spec)  # a LoRA's base: loaded once for all its LoRAs
+        return model, self.adapters.get(spec, model) if spec.is_lora else None
 
     def _run_batch(self, jobs: list[Job]) -> None:
         self.sampler.run(jobs[0].model, jobs)

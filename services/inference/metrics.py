@@ -29,6 +29,17 @@ class CacheMetrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterMetrics:
+    hits: Counter
+    misses: Counter
+    loads: Counter
+    evictions: Counter
+    load_duration: Histogram
+    adapters_loaded: Gauge
+    bytes_loaded: Gauge
+
+
+@dataclasses.dataclass(frozen=True)
 class InferenceMetrics:
     queue_depth: Gauge
     batch_size: Histogram
@@ -37,6 +48,7 @@ class InferenceMetrics:
     time_to_first_image: Histogram
     cancelled: Counter
     cache: CacheMetrics
+    adapters: AdapterMetrics
 
     @classmethod
     def create(cls, registry: CollectorRegistry, namespace: str = "dreambooth_inference") -> InferenceMetrics:
@@ -76,5 +88,22 @@ class InferenceMetrics:
                 bytes_loaded=factory.gauge(
                     "model_cache_bytes", "Bytes of weights held by cached models (shared components once)."
                 ),
+            ),
+            adapters=AdapterMetrics(
+                hits=factory.counter("adapter_cache_hits", "LoRA requests whose adapter was already loaded."),
+                misses=factory.counter("adapter_cache_misses", "LoRA requests whose adapter was not loaded."),
+                loads=factory.counter(
+                    "adapter_loads", "LoRA adapters loaded from the store (single-flight)."
+                ),
+                evictions=factory.counter(
+                    "adapter_cache_evictions", "LoRA adapters evicted from the adapter cache (LRU)."
+                ),
+                load_duration=factory.histogram(
+                    "adapter_load_duration_seconds",
+                    "Seconds to materialise and read a LoRA adapter (its base already loaded).",
+                    buckets=STEP_BUCKETS,
+                ),
+                adapters_loaded=factory.gauge("adapters_loaded", "LoRA adapters held in the adapter cache."),
+                bytes_loaded=factory.gauge("adapter_cache_bytes", "Bytes of LoRA adapter weights held."),
             ),
         )

@@ -81,6 +81,7 @@ def generate_params(request: inference_pb2.GenerateRequest) -> GenerateParams:
         preview_interval=request.preview_interval,
         output_format=output_format,
         truncate_prompt=request.truncate_prompt,
+        adapter_scale=request.adapter_scale if request.HasField("adapter_scale") else None,
     )
 
 
