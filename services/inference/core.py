@@ -20,13 +20,14 @@ import binascii
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.model_store import ModelManifest, ModelStore, validate_model_id
 from services.inference.adapter_cache import AdapterCache
 from services.inference.batcher import Batcher
+from services.inference.export import ExportPart, export_parts
 from services.inference.job import Job
 from services.inference.lora import LoraAdapter
 from services.inference.metrics import InferenceMetrics
@@ -207,6 +208,10 @@ class InferenceCore:
 
     def get_model(self, model_id: str) -> ModelManifest:
         return self.models.get(model_id)
+
+    def export_model(self, model_id: str) -> Iterator[ExportPart]:
+        """The parts of an export of `model_id` (blocking: iterate it in a worker thread)."""
+        return export_parts(self.models, model_id)
 
     def list_models(self, page_size: int, page_token: str) -> tuple[list[ModelManifest], str]:
         """One page of models ordered by id, and the token of the next page ("" on the last)."""
