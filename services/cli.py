@@ -12,6 +12,7 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny-model": ("services.common.tiny_model_cli", "build a tiny Stable Diffusion from a seed"),
     "import-model": ("services.common.model_store_cli", "import a diffusers folder as a base model"),
+    "gc": ("services.gc.main", "remove what nothing in the store references (--dry-run lists it)"),
     "inference": ("services.inference.main", "run the inference gRPC service"),
     "priorgen": ("services.priorgen.main", "run the prior-generation gRPC service"),
     "trainer": ("services.trainer.main", "run the trainer gRPC service"),

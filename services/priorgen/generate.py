@@ -8,7 +8,8 @@ A set is complete iff `priors/{key}/manifest.json` exists (written last). Otherw
 already in the store are kept (every put is atomic, so a killed run leaves only whole images)
 and only the missing indices are rendered, `batch_size` per denoising call of fixed shape
 (render.py). Image i depends only on the key's inputs and i, never on its batch, slot or run,
-so the finished set is byte-identical to an uninterrupted run.
+so the finished set is byte-identical to an uninterrupted run. While a set is being made, its
+prefix is pinned (services/common/store_pins.py) against the store's garbage collector.
 
 Single flight: identical requests (same key) in one process share one generation. Choice: only
 the request that started the generation reports `generated` > 0; a request that joined it gets
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from services.common.errors import Unavailable
 from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
+from services.common.store_pins import Pin, wait_for_collectors
 from services.priorgen.cache_key import image_key, images_prefix, manifest_key, parse_image_index, prior_key
 from services.priorgen.cache_key import set_prefix as key_prefix
 from services.priorgen.metrics import PriorGenMetrics
@@ -112,7 +114,7 @@ class PriorGenerator:
         if leader:
             try:
                 self._sets.submit(
-                    self._flights.run, target.key, flight, lambda report: self._produce(target, report)
+                    self._flights.run, target.key, flight, lambda report: self._produce_pinned(target, report)
                 )
             except RuntimeError:  # closed between the check above and here
                 self._flights.run(target.key, flight, _shutting_down)
@@ -141,6 +143,13 @@ class PriorGenerator:
         return PriorSetResult(target.key, key_prefix(target.key), target.spec.num_images, cached, generated)
 
     # ---- generation (leader only, on a set worker) --------------------------------------------
+
+    def _produce_pinned(self, target: _Target, report: ProgressFn) -> PriorSetResult:
+        """`_produce` under a pin on the set's prefix; images an interrupted run left are counted
+        only once no collection that could have missed the pin is running."""
+        with Pin(self._store, prefixes=[key_prefix(target.key)], owner=f"prior set {target.key}"):
+            wait_for_collectors(self._store)
+            return self._produce(target, report)
 
     def _produce(self, target: _Target, report: ProgressFn) -> PriorSetResult:
         spec, key = target.spec, target.key

@@ -13,6 +13,7 @@ import grpc.aio
 from dreambooth.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.errors import InvalidArgument
+from services.common.model_proto import model_proto
 from services.trainer.api import convert
 from services.trainer.jobs.core import TrainerCore
 
@@ -78,3 +79,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         event_log = await asyncio.to_thread(self.core.event_log, request.name)
         async for event in event_log.watch(request.after_sequence):
             yield convert.event_to_proto(event)
+
+    async def DeleteTrainingJob(
+        self, request: trainer_pb2.DeleteTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.DeleteTrainingJobResponse:
+        job = await asyncio.to_thread(self.core.delete_job, request.name)
+        return trainer_pb2.DeleteTrainingJobResponse(training_job=convert.job_to_proto(job))
+
+    async def DeleteDataset(
+        self, request: trainer_pb2.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.DeleteDatasetResponse:
+        info = await asyncio.to_thread(self.core.delete_dataset, request.name)
+        return trainer_pb2.DeleteDatasetResponse(dataset=convert.dataset_to_proto(info))
+
+    async def DeleteModel(
+        self, request: trainer_pb2.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.DeleteModelResponse:
+        manifest = await asyncio.to_thread(self.core.delete_model, request.name)
+        return trainer_pb2.DeleteModelResponse(model=model_proto(manifest))

@@ -1,4 +1,5 @@
-"""The trainer's core behind TrainerService, free of gRPC: datasets, jobs, cancel and watch.
+"""The trainer's core behind TrainerService, free of gRPC: datasets, jobs, cancel, watch and
+deletes (of jobs, datasets and models: the trainer knows which jobs still need them).
 
 The servicer translates protobuf to the plain objects here and back; everything that touches
 the store is blocking, so the servicer calls it from a worker thread.
@@ -8,13 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from collections.abc import Callable
 
-from services.common.model_store import ModelStore
+from services.common.model_store import ModelManifest, ModelStore, parse_model_name
 from services.common.object_store import ObjectStore
-from services.trainer.dataset_layout import DatasetInfo
+from services.trainer.dataset_layout import DatasetInfo, parse_dataset_name
 from services.trainer.jobs.datasets import DatasetStore, ImageUpload
+from services.trainer.jobs.deletion import Deletions
 from services.trainer.jobs.events import EventLogs, JobEventLog
 from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.records import (
@@ -47,6 +50,7 @@ class TrainerCore:
         metrics: TrainerMetrics | None = None,
         gpu_count: GpuCounter | None = None,
         persist_seconds: float = 5.0,
+        delete_wait_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store
@@ -70,6 +74,17 @@ class TrainerCore:
         )
         if metrics is not None:
             metrics.watch_jobs(self.repo.count_by_state)
+        # Held by a job's creation and by deletes: a job never starts using what a delete removes.
+        self._references_lock = threading.Lock()
+        self.deletions = Deletions(
+            repo=self.repo,
+            events=self.events,
+            runner=self.runner,
+            datasets=self.datasets,
+            models=models,
+            lock=self._references_lock,
+            wait_seconds=delete_wait_seconds,
+        )
 
     # Life cycle
 
@@ -115,14 +130,17 @@ class TrainerCore:
         existing = self.repo.find_by_request(request_id, request_fingerprint)
         if existing is not None:
             return existing
-        spec = validate_spec(
-            request,
-            limits=self.spec_limits,
-            models=self.catalog,
-            datasets=self.datasets,
-            gpu_count=self.gpu_count,
-        )
-        job, created = self.repo.create(spec, request_id=request_id, request_fingerprint=request_fingerprint)
+        with self._references_lock:
+            spec = validate_spec(
+                request,
+                limits=self.spec_limits,
+                models=self.catalog,
+                datasets=self.datasets,
+                gpu_count=self.gpu_count,
+            )
+            job, created = self.repo.create(
+                spec, request_id=request_id, request_fingerprint=request_fingerprint
+            )
         if created:
             self.runner.submit(job.job_id)
         return job
@@ -138,3 +156,15 @@ class TrainerCore:
 
     def event_log(self, name: str) -> JobEventLog:
         return self.events.get(self.get_job(name))
+
+    # Deletes
+
+    def delete_job(self, name: str) -> Job:
+        """Cancel (and await) a running job, then delete it and what it stored but its model."""
+        return self.deletions.delete_job(parse_job_name(name))
+
+    def delete_dataset(self, name: str) -> DatasetInfo:
+        return self.deletions.delete_dataset(parse_dataset_name(name, "name"))
+
+    def delete_model(self, name: str) -> ModelManifest:
+        return self.deletions.delete_model(parse_model_name(name, "name"))

@@ -17,6 +17,7 @@ from services.common.images import decode_image, encode_image
 from services.common.object_store import ObjectStore
 from services.trainer.dataset_layout import (
     DatasetInfo,
+    delete_dataset,
     manifest_key,
     read_dataset,
     write_dataset,
@@ -35,6 +36,9 @@ class DatasetStore:
 
     def exists(self, dataset_id: str) -> bool:
         return self.store.exists(manifest_key(dataset_id))
+
+    def delete(self, dataset_id: str) -> None:
+        delete_dataset(self.store, dataset_id)
 
     def save(self, normalised: list[bytes], *, now: datetime.datetime | None = None) -> DatasetInfo:
         """Store normalised PNGs as one dataset; the same images again write nothing new."""
