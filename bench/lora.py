@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -92,14 +93,18 @@ class BackgroundServer:
 
 
 def merged_folder(base_dir: Path, lora_dir: Path, out: Path) -> Path:
-    """The LoRA fused into copies of the base's UNet and text encoder, saved as a full model."""
+    """The LoRA fused into the base's UNet and text encoder, the other files the base's own: a
+    full fine-tune as the trainer writes one (services/trainer/worker/publish.py)."""
     from services.common.pipelines import load_pipeline
 
     pipe = load_pipeline(base_dir)
     pipe.load_lora_weights(str(lora_dir), weight_name="pytorch_lora_weights.safetensors")
     pipe.fuse_lora(components=["unet", "text_encoder"], lora_scale=1.0)
     pipe.unload_lora_weights()
-    pipe.save_pretrained(str(out), safe_serialization=True)
+    trained = ("unet", "text_encoder")
+    shutil.copytree(base_dir, out, ignore=lambda folder, names: [n for n in names if n in trained])
+    for name in trained:
+        getattr(pipe, name).save_pretrained(str(out / name), safe_serialization=True)
     return out
 
 

@@ -354,6 +354,16 @@ class ModelStore:
         log.info("materialised model %s (%s) at %s", model_id, manifest.digest[:12], target)
         return target
 
+    def local_file(self, manifest: ModelManifest, rel_path: str) -> Path:
+        """The verified local copy of one file of a model (fetched once into the blob cache), for
+        a reader that needs one file and not the whole folder (a LoRA's weights). Read-only."""
+        entry = manifest.files.get(rel_path)
+        if entry is None:
+            raise NotFound(
+                f"{manifest.name}/{rel_path}", f"model {manifest.model_id!r} has no file {rel_path!r}"
+            )
+        return self._cached_blob(manifest.model_id, rel_path, entry)
+
     def _cached_blob(self, model_id: str, rel_path: str, entry: ManifestEntry) -> Path:
         """The verified local copy of a blob: downloaded once, checked, then renamed into the cache."""
         blobs_dir = self.cache_dir / "blobs" / "sha256"

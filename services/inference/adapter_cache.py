@@ -19,7 +19,7 @@ import torch
 
 from services.common.errors import FailedPrecondition
 from services.common.model_store import ModelStore
-from services.inference.lora import LoraAdapter, read_adapter
+from services.inference.lora import LORA_WEIGHTS_FILE, LoraAdapter, read_adapter
 from services.inference.metrics import AdapterMetrics
 from services.inference.model_cache import LoadedModel
 from services.inference.model_specs import ModelSpec
@@ -99,10 +99,12 @@ class AdapterCache:
         started = time.perf_counter()
         if self._metrics is not None:
             self._metrics.loads.inc()
-        folder = self._models.materialize(spec.manifest.model_id)
+        if LORA_WEIGHTS_FILE not in spec.manifest.files:
+            raise FailedPrecondition(f"LoRA model {spec.manifest.model_id!r} has no {LORA_WEIGHTS_FILE}")
+        weights = self._models.local_file(spec.manifest, LORA_WEIGHTS_FILE)  # sha256 verified
         unet = base.unet
         adapter = read_adapter(
-            folder,
+            weights,
             {"unet": unet, "text_encoder": base.text_encoder},
             model_id=spec.manifest.model_id,
             digest=spec.digest,

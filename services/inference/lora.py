@@ -67,7 +67,7 @@ class LoraAdapter:
 
 
 def read_adapter(
-    lora_folder: Path,
+    weights: Path,
     base_modules: Mapping[str, Any],
     *,
     model_id: str,
@@ -75,14 +75,12 @@ def read_adapter(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
 ) -> LoraAdapter:
-    """The adapters of a materialised LoRA folder, checked against the base's `unet` and
-    `text_encoder` modules (every adapted layer must be a Linear of matching shape)."""
+    """The adapters in a LoRA model's verified `pytorch_lora_weights.safetensors`, checked
+    against the base's `unet` and `text_encoder` modules (every adapted layer must be a Linear of
+    matching shape)."""
     from safetensors.torch import load_file
 
-    path = lora_folder / LORA_WEIGHTS_FILE
-    if not path.is_file():
-        raise FailedPrecondition(f"LoRA model {model_id!r} has no {LORA_WEIGHTS_FILE}")
-    parts = _group_keys(load_file(str(path)), model_id)
+    parts = _group_keys(load_file(str(weights)), model_id)
     layers: dict[str, dict[str, LoraLayer]] = {}
     for (component, layer_path), tensors in sorted(parts.items()):
         module_path, linear = _find_linear(base_modules[component], layer_path, model_id, component)

@@ -100,7 +100,7 @@ class InferenceMetrics:
                 ),
                 load_duration=factory.histogram(
                     "adapter_load_duration_seconds",
-                    "Seconds to materialise and read a LoRA adapter (its base already loaded).",
+                    "Seconds to fetch (sha256 verified) and read a LoRA adapter (its base already loaded).",
                     buckets=STEP_BUCKETS,
                 ),
                 adapters_loaded=factory.gauge("adapters_loaded", "LoRA adapters held in the adapter cache."),

@@ -51,12 +51,13 @@ class LoraStore:
 
 @pytest.fixture(scope="module")
 def loras(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> LoraStore:
-    """A local store with the tiny model and four LoRA models of it (UNet + text encoder)."""
+    """A local store with the tiny model and four LoRA models of it (UNet + text encoder; lora-3
+    of rank 8, the others of rank 4)."""
     root = tmp_path_factory.mktemp("loras")
     models = ModelStore(LocalObjectStore(root / "store"), root / "cache")
     models.import_folder(tiny_model_dir, "tiny-sd")
     for seed, model_id in enumerate(LORAS):
-        folder = make_lora(tiny_model_dir, root / model_id, seed=seed)
+        folder = make_lora(tiny_model_dir, root / model_id, seed=seed, rank=8 if model_id == "lora-3" else 4)
         models.import_folder(folder, model_id, kind="lora", base_model="tiny-sd")
     specs = ModelSpecs(models, root / "cache")
     cache = ModelCache(models, max_models=2, max_bytes=2**34)
@@ -148,11 +149,12 @@ def test_mixed_batches_of_loras_scales_and_the_base_give_each_request_its_solo_b
         ("lora-0", loras.resolve("lora-0", "a photo of sks dog", seed=1, guidance_scale=guidance)),
         ("lora-1", loras.resolve("lora-1", "a red car", seed=2, num_images=2, negative_prompt="blurry")),
         ("tiny-sd", loras.resolve("tiny-sd", "a castle", seed=3)),
-        ("lora-0", loras.resolve("lora-0", "a tree", seed=4, adapter_scale=0.5)),  # one adapter, two scales
+        ("lora-0", loras.resolve("lora-0", "a tree", seed=4, adapter_scale=0.3)),  # one adapter, two scales
         ("lora-0", loras.resolve("lora-0", "a cat", seed=5, num_images=2)),
+        ("lora-3", loras.resolve("lora-3", "a boat", seed=6)),  # another rank
     ]
     cases = [(m, dataclasses.replace(p, guidance_scale=guidance)) for m, p in cases]
-    adapters = {m: loras.adapter(m) for m in ("lora-0", "lora-1")}
+    adapters = {m: loras.adapter(m) for m in ("lora-0", "lora-1", "lora-3")}
     model = loras.tiny.model
     per_request = [adapters.get(m) for m, _ in cases]
     solo = [
