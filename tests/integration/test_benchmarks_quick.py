@@ -17,6 +17,27 @@ KEYS = {
     "priorgen.py": {"ratio_vs_batched", "baseline_images_per_s", "identical_images", "max_pixel_difference"},
     "inference.py": {"sequential_ratio", "concurrent_vs_ideal", "concurrent_identical_images"},
     "train.py": {"ratio", "plain_steps_per_s", "ray_steps_per_s", "job_wall_s"},
+    "lora.py": {
+        "switch_ms",
+        "full_load_ms",
+        "switch_fraction",
+        "adapter_bytes",
+        "full_model_bytes",
+        "full_model_new_bytes",
+        "mixed_images_per_s",
+        "single_lora_images_per_s",
+        "mixed_ratio",
+        "runtime_images_per_s",
+        "merged_images_per_s",
+        "fused_ratio",
+    },
+}
+# What must hold of a quick run's figures beyond their presence (never a speed).
+CHECKS = {
+    "lora.py": lambda r: (
+        0 < r["adapter_bytes"] < r["full_model_new_bytes"] < r["full_model_bytes"]
+        and all(r[name] > 0 for name in ("switch_ms", "full_load_ms", "mixed_ratio", "fused_ratio"))
+    ),
 }
 
 
@@ -35,3 +56,4 @@ def test_a_quick_run_ends_with_one_json_line_of_its_figures(bench: str, tmp_path
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert KEYS[bench] <= set(result), result
     assert all(value is not None for key, value in result.items() if key in KEYS[bench]), result
+    assert CHECKS.get(bench, lambda _: True)(result), result
