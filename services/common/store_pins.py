@@ -23,6 +23,12 @@ once no notice is live, every collection that could have missed the pin is over 
 deletes nothing past its deadline), and the writer uploads again whatever such a collection
 deleted, before it writes its record. Times are wall-clock seconds; notices and pins carry a
 margin for clock skew between machines.
+
+Tenants (services/common/tenancy.py): a writer pins in its own view of the store, so a tenant's
+pins are `tenants/{name}/pins/{id}.json` and name prefixes as that tenant sees them (blob digests
+are global: one pool). The collector reads the pins of every tenant's prefix and of the root.
+Collector notices are installation-wide: they live at the root whatever view a writer holds, and
+`wait_for_collectors` reads them there.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from services.common.errors import NotFound
+from services.common.namespaced_store import NamespacedStore
 from services.common.object_store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -183,10 +190,12 @@ def wait_for_collectors(
     poll_s: float = 0.2,
 ) -> None:
     """Return once no collection that may have missed a pin written before this call can still
-    delete anything (see the module docstring). Immediate when no collection is running."""
+    delete anything (see the module docstring). Immediate when no collection is running.
+    `store` may be a tenant's view: notices are read at the root."""
+    root = store.root if isinstance(store, NamespacedStore) else store
     waited = False
     while True:
-        live, _ = live_notices(store, clock())
+        live, _ = live_notices(root, clock())
         if not live:
             if waited:
                 log.info("a store collection ended; publishing goes on")

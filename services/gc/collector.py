@@ -5,8 +5,9 @@
 
 The order is what makes it safe beside writers that run at the same time (store_pins.py):
 1. post a collector notice (not in a dry run): writers that reuse stored bytes wait for it;
-2. list every candidate object;
-3. read the pins, then the records (references.py): anything referenced at that moment is live;
+2. list every candidate object, of the root and of every tenant's prefix (`tenants/{name}/`);
+3. read the pins of every namespace, then the records of every namespace (references.py):
+   anything referenced at that moment, by any tenant, is live;
 4. sweep the candidates nothing references, records of a set (manifest.json, checkpoint.json)
    before their parts so a half-swept set reads as incomplete, never as whole; stop at the
    notice's deadline, leaving the rest for the next collection;
@@ -17,6 +18,12 @@ What it removes: blobs no manifest names; the leftovers of deleted models, datas
 prior sets no job names; expired pins and notices. Records themselves (model and dataset
 manifests, job records) are only ever removed by the Delete RPCs, and keys outside the layout
 it knows are never touched.
+
+Tenants: each tenant's prefix is collected as its own store (its records reference only its own
+keys), found from the listing itself, so a tenant no longer in the keys file is still covered.
+A tenant whose unfinished write pinned a blob is in the listing (the pin was written before the
+blob, so before the listing), and every tenant's manifests and pins keep blobs for all: the
+blob pool is shared. `collect` takes the store's root, never a tenant's view.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from services.common.namespaced_store import NamespacedStore, scoped_store
 from services.common.object_store import ObjectInfo, ObjectStore
 from services.common.store_pins import (
     DEFAULT_MAX_COLLECTION_S,
@@ -37,7 +45,15 @@ from services.common.store_pins import (
     live_notices,
     read_pins,
 )
-from services.gc.references import References, is_record, read_references
+from services.common.tenancy import namespace_of
+from services.gc.references import (
+    References,
+    StoreReferences,
+    is_record,
+    read_store_references,
+    split_namespace,
+    tenants_in,
+)
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +104,9 @@ def collect(
     max_seconds: float = DEFAULT_MAX_COLLECTION_S,
     clock: Callable[[], float] = time.time,
 ) -> CollectionReport:
-    """One collection of `store` (see the module docstring for the order and what goes)."""
+    """One collection of `store`, the root (see the module docstring for the order and what goes)."""
+    if isinstance(store, NamespacedStore):
+        raise ValueError("collect() takes the store's root: it collects every tenant's prefix")
     if dry_run:
         return _collect(store, None, dry_run=True, clock=clock)
     with CollectorNotice(store, max_seconds=max_seconds, clock=clock) as notice:
@@ -98,15 +116,19 @@ def collect(
 def _collect(
     store: ObjectStore, notice: CollectorNotice | None, *, dry_run: bool, clock: Callable[[], float]
 ) -> CollectionReport:
-    candidates = [info for info in store.list() if not info.key.startswith((PINS_PREFIX, NOTICES_PREFIX))]
+    listing = list(store.list())
+    candidates = [info for info in listing if not _is_handshake(info.key)]
     now = clock()
-    pins, expired_pins = read_pins(store, now)
-    references = read_references(store, pins)
+    pins, expired_pins = {}, []
+    for tenant in ["", *tenants_in(info.key for info in listing)]:  # the root first, then each tenant
+        pins[tenant], expired = read_pins(scoped_store(store, tenant), now)
+        expired_pins += [namespace_of(tenant) + key for key in expired]  # as the root sees them
+    references = read_store_references(store, pins)
     _, expired_notices = live_notices(store, now)
     garbage = [
         Garbage(info.key, info.size, kind)
         for info in candidates
-        if (kind := garbage_kind(info, references)) is not None
+        if (kind := store_garbage_kind(info, references)) is not None
     ]
     garbage.sort(key=lambda item: (not item.key.endswith(COMMIT_NAMES), item.key))
     garbage += [Garbage(key, 0, "expired pin") for key in expired_pins]
@@ -128,9 +150,33 @@ def _collect(
     return CollectionReport(tuple(garbage), deleted=deleted, dry_run=False, complete=True)
 
 
+def _is_handshake(key: str) -> bool:
+    """A pin (of the root or of a tenant) or a collector notice: never a candidate."""
+    namespace, relative = split_namespace(key)
+    return relative.startswith(PINS_PREFIX) or (not namespace and relative.startswith(NOTICES_PREFIX))
+
+
+def store_garbage_kind(info: ObjectInfo, refs: StoreReferences) -> str | None:
+    """What kind of garbage an object of the whole store is, or None when anything in any
+    namespace references it (or it is in no namespace or layout this collector knows)."""
+    if refs.everything_pinned:
+        return None
+    located = refs.locate(info.key)
+    if located is None:
+        return None
+    namespace_refs, key = located
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "blobs" and parts[1] == "sha256":
+        if info.key != key:  # blobs live at the root only; a tenant's "blobs/" is not a layout we know
+            return None
+        return None if parts[2] in refs.blobs else "blob"
+    return garbage_kind(ObjectInfo(key=key, size=info.size), namespace_refs)
+
+
 def garbage_kind(info: ObjectInfo, refs: References) -> str | None:
-    """What kind of garbage the object is, or None when something references it (or it is not
-    in a layout this collector knows)."""
+    """What kind of garbage the object is, within one namespace (its key as that namespace sees
+    it), or None when something references it (or it is not in a layout this collector knows).
+    Blobs are judged by `refs.blobs`: pass the union of every namespace's (store_garbage_kind)."""
     key = info.key
     if is_record(key) or refs.pinned(key):
         return None

@@ -1,9 +1,11 @@
 """`dreambooth-server gc [--dry-run] [--json]`: collect the store's garbage (services/gc/collector.py).
 
 The store comes from the same DREAMBOOTH_* settings the services read (S3 when
-DREAMBOOTH_S3_ENDPOINT is set, else the local directory store). Safe to run while the services
-run: unfinished writes are pinned (services/common/store_pins.py). Prints every object removed
-(or, with --dry-run, that would be) with its size, then the totals by kind.
+DREAMBOOTH_S3_ENDPOINT is set, else the local directory store), always at its root: one
+collection covers the root and every tenant's prefix (`tenants/{name}/`), and a blob stays while
+any tenant's model or pin names it. Safe to run while the services run: unfinished writes are
+pinned (services/common/store_pins.py). Prints every object removed (or, with --dry-run, that
+would be) with its key as the root sees it and its size, then the totals by kind.
 """
 
 from __future__ import annotations
@@ -22,8 +24,9 @@ from services.gc.collector import CollectionReport, collect
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="dreambooth-server gc",
-        description="Remove what nothing in the store references: blobs of deleted models, leftovers "
-        "of deleted datasets and jobs, checkpoints of finished jobs, unused prior sets.",
+        description="Remove what nothing in the store references, over every tenant's prefix: blobs "
+        "of deleted models, leftovers of deleted datasets and jobs, checkpoints of finished jobs, "
+        "unused prior sets.",
     )
     parser.add_argument("--dry-run", action="store_true", help="list what would be removed; remove nothing")
     parser.add_argument("--json", action="store_true", help="print the report as one JSON object")

@@ -8,17 +8,25 @@ Read from the records themselves, never from a service's memory, so any process 
   priors but names no set yet may be about to name any of them, so it keeps every prior set;
 - live pins (services/common/store_pins.py) keep what unfinished writes are writing.
 A record that cannot be read stops the collection: what it references is unknown.
+
+Tenants: the store holds one namespace per tenant (`tenants/{name}/`, services/common/tenancy.py)
+beside the root's (the implicit tenant's objects and the shared base models). Each namespace's
+records and pins reference keys of that namespace only, in its own terms (`jobs/{id}/` of tenant
+acme is `tenants/acme/jobs/{id}/`); blobs are one pool, live when any namespace's manifest or
+pin names them. `StoreReferences` holds every namespace's references and their union of blobs.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from services.common.errors import DataCorruption, NotFound
 from services.common.model_store import ModelManifest
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.common.store_pins import PinInfo
+from services.common.tenancy import TENANT_NAME, TENANTS_ROOT, namespace_of
 from services.trainer.jobs.records import Job
 
 RECORD_NAMES = {"models": "manifest.json", "datasets": "manifest.json", "jobs": "job.json"}
@@ -42,6 +50,61 @@ class References:
 
     def pinned(self, key: str) -> bool:
         return key.startswith(self.pinned_prefixes)
+
+
+@dataclass(frozen=True)
+class StoreReferences:
+    """What every namespace of the store references, read after every namespace's pins."""
+
+    namespaces: Mapping[str, References]  # "" (the root) or "tenants/{name}/" -> its references
+    blobs: frozenset[str]  # digests named by any namespace's manifest or live pin
+    everything_pinned: bool  # an unreadable pin: nothing may be swept, blobs included
+
+    def locate(self, key: str) -> tuple[References, str] | None:
+        """The references of the namespace `key` is in, and the key as that namespace sees it;
+        None for a key in no namespace this collection read."""
+        namespace, relative = split_namespace(key)
+        refs = self.namespaces.get(namespace)
+        return None if refs is None else (refs, relative)
+
+
+def tenant_of(key: str) -> str | None:
+    """The tenant whose prefix `key` is under ("" for the root), or None for a key under
+    `tenants/` that is not in a well-named tenant's prefix."""
+    if not key.startswith(TENANTS_ROOT):
+        return ""
+    parts = key.split("/", 2)
+    return parts[1] if len(parts) == 3 and TENANT_NAME.match(parts[1]) else None
+
+
+def split_namespace(key: str) -> tuple[str, str]:
+    """(namespace, key within it); a key under `tenants/` outside any tenant's prefix stays the
+    root's (a layout the collector does not know, so it never touches it)."""
+    tenant = tenant_of(key)
+    if not tenant:
+        return "", key
+    namespace = namespace_of(tenant)
+    return namespace, key.removeprefix(namespace)
+
+
+def tenants_in(keys: Iterable[str]) -> list[str]:
+    """The tenants with objects among `keys` (a listing of the whole store), root excluded."""
+    return sorted({tenant for key in keys if (tenant := tenant_of(key))})
+
+
+def read_store_references(root: ObjectStore, pins: Mapping[str, list[PinInfo]]) -> StoreReferences:
+    """Every namespace's references, read now (after every namespace's pins: see store_pins.py).
+    `pins` maps each tenant name ("" for the root) to its namespace's live pins."""
+    namespaces = {
+        namespace_of(tenant): read_references(scoped_store(root, tenant), tenant_pins)
+        for tenant, tenant_pins in pins.items()
+    }
+    everything_pinned = any("" in pin.prefixes for tenant_pins in pins.values() for pin in tenant_pins)
+    return StoreReferences(
+        namespaces=namespaces,
+        blobs=frozenset().union(*(refs.blobs for refs in namespaces.values())),
+        everything_pinned=everything_pinned,
+    )
 
 
 def is_record(key: str) -> bool:

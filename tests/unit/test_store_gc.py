@@ -18,9 +18,10 @@ import services.common.model_store as model_store_module
 from services.common.errors import DataCorruption
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore, blob_key, file_sha256
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectInfo
 from services.common.store_pins import NOTICES_PREFIX, PINS_PREFIX
-from services.gc.collector import collect
+from services.gc.collector import CollectionReport, collect
 from services.gc.main import main as gc_main
 from services.trainer.dataset_layout import write_dataset
 from services.trainer.job_spec import JobSpec
@@ -219,12 +220,13 @@ def test_a_collection_during_a_publish_never_sweeps_the_blobs_it_uploaded(
             models.materialize("new")
 
 
-@pytest.mark.parametrize("protected", [True, False])
+@pytest.mark.parametrize(("protected", "tenant"), [(True, ""), (True, "acme"), (False, "")])
 def test_a_publish_reusing_a_blob_a_running_collection_sweeps_uploads_it_again(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protected: bool
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, protected: bool, tenant: str
 ) -> None:
     """The collection has listed an orphan blob and read the pins and records; the publish,
-    reusing that blob, starts before the collection sweeps."""
+    reusing that blob, starts before the collection sweeps. A tenant's publish (its pin in its
+    own prefix) waits for the collector's notice at the store's root just the same."""
     publisher_waits, publisher_done = threading.Event(), threading.Event()
     state: dict[str, Any] = {}
 
@@ -251,7 +253,7 @@ def test_a_publish_reusing_a_blob_a_running_collection_sweeps_uploads_it_again(
             publisher_done.set()
 
     store = HookedStore(tmp_path / "store", hook)
-    models = ModelStore(store, tmp_path / "cache")
+    models = ModelStore(scoped_store(store, tenant), tmp_path / "cache")
     shared = {"shared.safetensors": b"bytes two models have in common"}
     models.import_folder(fake_model(tmp_path, "old", shared), "old", kind="lora", base_model="tiny-sd")
     models.delete("old")  # its blob is an orphan now
@@ -274,3 +276,68 @@ def test_a_publish_reusing_a_blob_a_running_collection_sweeps_uploads_it_again(
     else:
         with pytest.raises(DataCorruption, match="missing from the store"):
             models.materialize("new")
+
+
+def test_every_tenants_manifests_and_pins_keep_their_blobs_and_an_unreferenced_one_goes(
+    tmp_path: Path,
+) -> None:
+    """Tenants alpha and beta share the blob pool. A collection runs while alpha's second publish
+    has uploaded its first blob (pinned in alpha's prefix, no manifest yet): alpha's published
+    and in-flight blobs stay, so does a blob beta's deleted model shared with alpha's; the blob
+    only beta's deleted model had goes, with beta's dead upload and its expired pin."""
+    reports: list[CollectionReport] = []
+    armed = threading.Event()
+
+    def collect_mid_publish(operation: str, key: str) -> None:
+        if operation == "put_file" and armed.is_set() and not reports:
+            reports.append(collect(store))
+
+    store = HookedStore(tmp_path / "store", collect_mid_publish)
+    ModelStore(store, tmp_path / "cache").import_folder(
+        fake_model(tmp_path, "base", {"model_index.json": b"{}", "unet.safetensors": b"the shared base"}),
+        "base",
+    )
+    alpha = ModelStore(scoped_store(store, "alpha"), tmp_path / "cache")
+    beta = ModelStore(scoped_store(store, "beta"), tmp_path / "cache")
+    common = {"common.safetensors": b"bytes alpha's and beta's models share"}
+    alpha.import_folder(
+        fake_model(tmp_path, "a1", {**common, "own.safetensors": b"alpha's own"}),
+        "a1",
+        kind="lora",
+        base_model="base",
+    )
+    beta.import_folder(
+        fake_model(tmp_path, "b1", {**common, "own.safetensors": b"beta's own"}),
+        "b1",
+        kind="lora",
+        base_model="base",
+    )
+    beta_only = blob_key(beta.get("b1").files["own.safetensors"].sha256)
+    beta.delete("b1")
+    write_dataset(scoped_store(store, "beta"), "c" * 64, [make_png(3)])
+    beta_dead_upload = f"tenants/beta/datasets/{'c' * 64}/images/000.png"
+    store.delete(f"tenants/beta/datasets/{'c' * 64}/manifest.json")  # an upload that died
+    store.put_json("tenants/beta/pins/crashed.json", {"blobs": [], "prefixes": ["x/"], "expires": 1.0})
+    assert alpha.get("base").kind == "base"  # the shared base, seen from alpha's view
+
+    in_flight = fake_model(
+        tmp_path, "a2", {"first.safetensors": b"alpha 2, first", "second.safetensors": b"2nd"}
+    )
+    armed.set()
+    alpha.import_folder(in_flight, "a2", kind="lora", base_model="base")
+
+    swept = {g.key: g.kind for g in reports[0].garbage}
+    assert swept == {
+        beta_only: "blob",
+        beta_dead_upload: "dataset leftovers",
+        "tenants/beta/pins/crashed.json": "expired pin",
+    }
+    assert [key for key in keys(store) if key.startswith("tenants/alpha/pins/")] == []  # unpinned after
+    for model_id in ("a1", "a2", "base"):  # every blob alpha references is there and verified
+        assert alpha.materialize(model_id).is_dir()
+    assert collect(store).garbage == ()
+
+
+def test_a_collection_takes_the_root_never_a_tenants_view(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="root"):
+        collect(scoped_store(LocalObjectStore(tmp_path / "store"), "alpha"))
