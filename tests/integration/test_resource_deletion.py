@@ -90,5 +90,6 @@ def test_deletes_wait_for_running_jobs_and_a_collection_then_leaves_no_orphan(
     # 4. A collection removes the blobs nothing names any more; then nothing is left but garbage-free.
     report = collect(store)
     assert {g.kind for g in report.garbage} == {"blob"}
-    assert [info.key for info in store.list()] == []  # every model, dataset and job is gone
+    # Every model, dataset and job is gone; the usage ledger keeps the deleted job's training.
+    assert [info.key for info in store.list()] == [f"usage/deleted-jobs/{job_id}.json"]
     assert collect(store).garbage == ()

@@ -22,7 +22,7 @@ from pathlib import Path
 from services.common.model_store import ModelManifest, ModelStore, parse_model_name
 from services.common.object_store import ObjectStore
 from services.common.tenancy import IMPLICIT_TENANT, Quotas, Tenant, quota_exceeded
-from services.common.usage import IMAGES_GENERATED, ledger_total, stored_bytes
+from services.common.usage import IMAGES_GENERATED, TRAINING_STEP_SECONDS, ledger_total, stored_bytes
 from services.trainer.dataset_layout import DatasetInfo, parse_dataset_name
 from services.trainer.jobs.datasets import DatasetStore, ImageUpload
 from services.trainer.jobs.deletion import Deletions
@@ -240,7 +240,8 @@ class TrainerCore:
         jobs = self.repo.all(tenant.name)
         return Usage(
             tenant=tenant.label,
-            training_step_seconds=sum(job.training_step_seconds for job in jobs),
+            training_step_seconds=sum(job.training_step_seconds for job in jobs)
+            + ledger_total(self.store, tenant.name, TRAINING_STEP_SECONDS),  # of deleted jobs
             images_generated=int(ledger_total(self.store, tenant.name, IMAGES_GENERATED)),
             stored_bytes=self.stored_bytes(tenant),
             active_training_jobs=sum(1 for job in jobs if not job.state.is_final),

@@ -1,9 +1,10 @@
 """Deleting jobs, datasets and models: refused while an unfinished job needs what would go.
 
 What each delete removes now, and what it leaves to the store's garbage collector (services/gc):
-- a job: a running one is cancelled and awaited first; then its record (the job stops
-  existing) and everything under `jobs/{id}/` (events, previews, checkpoints). The model it
-  published stays; so does its prior set until a collection finds no other job naming it.
+- a job: a running one is cancelled and awaited first; its training seconds go to the tenant's
+  usage ledger (GetUsage keeps counting them); then its record (the job stops existing) and
+  everything under `jobs/{id}/` (events, previews, checkpoints). The model it published stays;
+  so does its prior set until a collection finds no other job naming it.
 - a dataset: its manifest (it stops existing), then its images.
 - a model: its manifest (it stops existing). Its weight blobs stay until a collection finds no
   other model (of any tenant) sharing them.
@@ -27,6 +28,7 @@ from services.common.errors import FailedPrecondition, PermissionDenied
 from services.common.model_store import ModelManifest, ModelStore
 from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
+from services.common.usage import keep_deleted_job_usage
 from services.trainer.dataset_layout import DatasetInfo, dataset_name
 from services.trainer.jobs.datasets import DatasetStore
 from services.trainer.jobs.events import EventLogs
@@ -69,6 +71,7 @@ class Deletions:
         if not job.state.is_final:
             self.runner.cancel(job_id)
             job = self._wait_until_final(job_id, tenant)
+        keep_deleted_job_usage(self.store, tenant, job_id, job.training_step_seconds)
         with self.lock:
             job = self.repo.delete(job_id, tenant)
         self.events.forget(job_id)
