@@ -63,6 +63,7 @@ bench: setup
 	$(PY) bench/inference.py
 	$(PY) bench/priorgen.py
 	$(PY) bench/train.py
+	$(PY) bench/lora.py
 
 clean-venv:
 	rm -rf $(VENV)

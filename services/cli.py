@@ -15,6 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "import-model": ("services.common.model_store_cli", "import a diffusers folder as a base model"),
     "keys": ("services.common.keys_cli", "add, list and revoke API keys in the keys file"),
     "pretrain-base": ("services.common.toy_base_cli", "pretrain the toy-world base model"),
+    "gc": ("services.gc.main", "remove what nothing in the store references (--dry-run lists it)"),
     "inference": ("services.inference.main", "run the inference gRPC service"),
     "priorgen": ("services.priorgen.main", "run the prior-generation gRPC service"),
     "trainer": ("services.trainer.main", "run the trainer gRPC service"),

@@ -6,7 +6,10 @@ Layout in the store:
 
 Publishing uploads the blobs first and writes the manifest last, so a model whose manifest is
 missing does not exist, and a crash mid-import leaves only unreferenced blobs. A fine-tuned model
-whose VAE and tokenizer did not change shares those blobs with its base.
+whose VAE and tokenizer did not change shares those blobs with its base. While it runs, a publish
+holds a pin on its blobs (store_pins.py), so the store's garbage collector never sweeps a blob
+of an unfinished publish; blobs it reuses are checked again once no collection that could have
+missed the pin is running.
 
 Loading (`materialize`) builds a local diffusers folder under `cache_dir`, keyed by the manifest's
 digest: each blob is downloaded once into a local blob cache, its sha256 verified, then hard-linked
@@ -40,6 +43,7 @@ from typing import Any
 from services.common.errors import AlreadyExists, DataCorruption, InvalidArgument, NotFound
 from services.common.namespaced_store import NamespacedStore, scoped_store
 from services.common.object_store import ObjectStore, validate_key
+from services.common.store_pins import Pin, wait_for_collectors
 
 log = logging.getLogger(__name__)
 
@@ -210,15 +214,52 @@ class ModelStore:
         if not overwrite and self.exists(model_id):
             raise AlreadyExists(f"model {model_id!r} already exists")
 
-        entries: dict[str, ManifestEntry] = {}
+        entries = {rel_path: ManifestEntry(*file_sha256(path)) for rel_path, path in files.items()}
+        blobs = {entry.sha256 for entry in entries.values()}
+        with Pin(
+            self.store, blobs=blobs, prefixes=[f"models/{model_id}/"], owner=f"publish {model_id}"
+        ) as pin:
+            uploaded = self._upload_blobs(files, entries, pin)
+            manifest = self._write_manifest(model_id, kind, base_model, training_job, labels, entries)
+        log.info(
+            "published model %s: %d files, %d new blobs, %d bytes",
+            model_id,
+            len(entries),
+            uploaded,
+            manifest.size_bytes,
+        )
+        return manifest
+
+    def _upload_blobs(self, files: dict[str, Path], entries: dict[str, ManifestEntry], pin: Pin) -> int:
+        """Upload the blobs the store lacks; returns how many. Blobs already there are reused
+        (content-addressed: shared with other models), once no collection could still sweep them."""
         uploaded = 0
+        reused: list[str] = []
         for rel_path, local_path in files.items():
-            entry = ManifestEntry(*file_sha256(local_path))
-            entries[rel_path] = entry
+            entry = entries[rel_path]
             if self._blob_present(entry):
-                continue  # content-addressed: same bytes, same blob (shared with other models)
+                reused.append(rel_path)
+                continue
             self.store.put_file(blob_key(entry.sha256), local_path)
             uploaded += 1
+            pin.refresh()
+        if reused:
+            wait_for_collectors(self.store)
+            for rel_path in reused:  # a collection that missed the pin may have swept some
+                if not self._blob_present(entries[rel_path]):
+                    self.store.put_file(blob_key(entries[rel_path].sha256), files[rel_path])
+                    uploaded += 1
+        return uploaded
+
+    def _write_manifest(
+        self,
+        model_id: str,
+        kind: str,
+        base_model: str | None,
+        training_job: str | None,
+        labels: dict[str, str],
+        entries: dict[str, ManifestEntry],
+    ) -> ModelManifest:
         manifest = ModelManifest(
             model_id=model_id,
             kind=kind,
@@ -229,13 +270,6 @@ class ModelStore:
             files=entries,
         )
         self.store.put_bytes(manifest_key(model_id), _pretty(manifest.to_json()))  # last: publishes
-        log.info(
-            "published model %s: %d files, %d new blobs, %d bytes",
-            model_id,
-            len(entries),
-            uploaded,
-            manifest.size_bytes,
-        )
         return manifest
 
     def _blob_present(self, entry: ManifestEntry) -> bool:
@@ -369,6 +403,16 @@ class ModelStore:
             raise
         log.info("materialised model %s (%s) at %s", model_id, manifest.digest[:12], target)
         return target
+
+    def local_file(self, manifest: ModelManifest, rel_path: str) -> Path:
+        """The verified local copy of one file of a model (fetched once into the blob cache), for
+        a reader that needs one file and not the whole folder (a LoRA's weights). Read-only."""
+        entry = manifest.files.get(rel_path)
+        if entry is None:
+            raise NotFound(
+                f"{manifest.name}/{rel_path}", f"model {manifest.model_id!r} has no file {rel_path!r}"
+            )
+        return self._cached_blob(manifest.model_id, rel_path, entry)
 
     def _cached_blob(self, model_id: str, rel_path: str, entry: ManifestEntry) -> Path:
         """The verified local copy of a blob: downloaded once, checked, then renamed into the cache."""

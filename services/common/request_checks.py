@@ -51,6 +51,16 @@ def check_guidance(scale: float, field: str = "guidance_scale") -> float:
     return scale
 
 
+def check_adapter_scale(scale: float, field: str = "adapter_scale") -> float:
+    if not vocabulary.is_valid_adapter_scale(scale):
+        raise InvalidArgument(
+            field,
+            f"must be between {vocabulary.MIN_ADAPTER_SCALE:g} and {vocabulary.MAX_ADAPTER_SCALE:g} "
+            f"(0 = the base alone; unset = {vocabulary.DEFAULT_ADAPTER_SCALE:g}), got {scale}",
+        )
+    return scale
+
+
 def check_seed(seed: int, field: str = "seed") -> int:
     """Any seed in range works for any number of images: image seeds wrap (see the vocabulary)."""
     if not vocabulary.is_valid_seed(seed):

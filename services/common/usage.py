@@ -10,6 +10,11 @@ restarts and add up over replicas, so counters the trainer does not hold in its 
 Each process writes only its own object (a fresh replica id per process start), so replicas never
 overwrite each other; readers add them up. Objects accumulate one per process lifetime per tenant
 (a few hundred bytes each).
+
+Deleting a training job must not erase what it consumed: before its record goes, the trainer
+writes the job's training seconds to a ledger object of its own (`usage/deleted-jobs/{id}.json`,
+`keep_deleted_job_usage`), which GetUsage adds to the seconds of the jobs that still exist. The
+store's garbage collector never touches `usage/`.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ MAX_TENANT_LABELS = 100
 OTHER_TENANTS = "other"
 USAGE_PREFIX = "usage/"
 IMAGES_GENERATED = "images_generated"  # the inference replicas' ledger counter
+TRAINING_STEP_SECONDS = "training_step_seconds"  # of deleted jobs (existing ones hold their own)
 OWN_PREFIXES = ("datasets/", "jobs/", "priors/")  # with models/: what a tenant stores
 
 
@@ -124,6 +130,19 @@ class UsageLedger:
 
     def _key(self) -> str:
         return f"{USAGE_PREFIX}{self._service}/{self._replica}.json"
+
+
+def keep_deleted_job_usage(
+    root: ObjectStore, tenant_name: str, job_id: str, training_step_seconds: float
+) -> None:
+    """Keep a deleted job's training seconds in the tenant's ledger (idempotent: one object per job)."""
+    record = {
+        "service": "trainer",
+        "job_id": job_id,
+        "counters": {TRAINING_STEP_SECONDS: training_step_seconds},
+        "update_time": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    scoped_store(root, tenant_name).put_json(f"{USAGE_PREFIX}deleted-jobs/{job_id}.json", record)
 
 
 def ledger_total(root: ObjectStore, tenant_name: str, counter: str) -> float:

@@ -7,11 +7,13 @@
 
 A request is validated completely (model existence, sizes, prompt tokens) before any model is
 loaded; admission bounds the requests waiting for a batch (past it ResourceExhausted at once);
-torch runs only in the batcher's worker threads, never on the event loop.
+torch runs only in the batcher's worker threads, never on the event loop. A LoRA model runs on
+its base's loaded pipeline with its adapter (model cache + adapter cache): its requests batch
+with those of every other LoRA of that base, and of the base itself.
 
-Every call is made for a tenant, which sees and samples only its own models and the shared bases
-(model specs are looked up through its view; loaded weights are shared by digest), within its
-quota of concurrent streams; its final images count towards its usage.
+Every call is made for a tenant, which sees, samples and exports only its own models and the
+shared bases (model specs are looked up through its view; loaded weights and adapters are shared
+by digest), within its quota of concurrent streams; its final images count towards its usage.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import binascii
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 from services.common.cost import check_cost, sampling_cost
@@ -30,10 +32,13 @@ from services.common.errors import InvalidArgument, ResourceExhausted
 from services.common.model_store import ModelManifest, ModelStore, validate_model_id
 from services.common.tenancy import IMPLICIT_TENANT, Tenant
 from services.common.usage import UsageLedger
+from services.inference.adapter_cache import AdapterCache
 from services.inference.batcher import Batcher
+from services.inference.export import ExportPart, export_parts
 from services.inference.job import Job
+from services.inference.lora import LoraAdapter
 from services.inference.metrics import InferenceMetrics
-from services.inference.model_cache import ModelCache
+from services.inference.model_cache import LoadedModel, ModelCache
 from services.inference.model_specs import ModelSpec, ModelSpecs
 from services.inference.params import FinalImage, GenerateEvent, GenerateParams
 from services.inference.sampler import Sampler
@@ -125,6 +130,9 @@ class InferenceCore:
             dtype=settings.dtype,
             metrics=metrics.cache,
         )
+        self.adapters = AdapterCache(
+            models, max_bytes=settings.adapter_cache_max_bytes, metrics=metrics.adapters
+        )
         self.sampler = Sampler(metrics, settings.preview_max_size)
         self.batcher = Batcher(
             self._run_batch,
@@ -207,8 +215,8 @@ class InferenceCore:
         job: Job | None = None
         finished = False
         try:
-            model = await asyncio.to_thread(self.cache.get, spec)
-            job = Job(params, model, asyncio.get_running_loop(), on_start=ticket.release)
+            model, adapter = await asyncio.to_thread(self._load, spec)
+            job = Job(params, model, asyncio.get_running_loop(), on_start=ticket.release, adapter=adapter)
             self.batcher.submit(job)
             first_image = True
             async for event in job.events():
@@ -243,7 +251,13 @@ class InferenceCore:
             default_height=spec.default_height,
             count_tokens=spec.count_tokens,
             max_tokens=spec.max_tokens,
+            is_lora=spec.is_lora,
         )
+
+    def _load(self, spec: ModelSpec) -> tuple[LoadedModel, LoraAdapter | None]:
+        """The pipeline a request on `spec` runs on, and its adapter for a LoRA model."""
+        model = self.cache.get(spec)  # a LoRA's base: loaded once for all its LoRAs
+        return model, self.adapters.get(spec, model) if spec.is_lora else None
 
     def _run_batch(self, jobs: list[Job]) -> None:
         self.sampler.run(jobs[0].model, jobs)
@@ -252,6 +266,11 @@ class InferenceCore:
 
     def get_model(self, model_id: str, tenant: Tenant = IMPLICIT_TENANT) -> ModelManifest:
         return self.models.for_tenant(tenant.name).get(model_id)
+
+    def export_model(self, model_id: str, tenant: Tenant = IMPLICIT_TENANT) -> Iterator[ExportPart]:
+        """The parts of an export of `model_id`, one of the tenant's models or a shared base
+        (blocking: iterate it in a worker thread)."""
+        return export_parts(self.models.for_tenant(tenant.name), model_id)
 
     def list_models(
         self, page_size: int, page_token: str, tenant: Tenant = IMPLICIT_TENANT

@@ -14,13 +14,18 @@ import time
 from collections.abc import AsyncIterator, Callable
 
 from services.common.errors import Unavailable
+from services.inference.lora import LoraAdapter
 from services.inference.model_cache import LoadedModel
 from services.inference.params import GenerateEvent, GenerateParams
 
 
 @dataclasses.dataclass(frozen=True)
 class BatchKey:
-    """Requests that agree on all of these can share UNet calls."""
+    """Requests that agree on all of these can share UNet calls.
+
+    The model is the loaded pipeline: requests on different LoRA models of one base (and on the
+    base itself) share a key, each row of the batch carrying its own adapter (row_adapters.py).
+    """
 
     model_digest: str
     width: int
@@ -50,11 +55,15 @@ class Job:
         model: LoadedModel,
         loop: asyncio.AbstractEventLoop,
         on_start: Callable[[Job], None] = lambda job: None,
+        adapter: LoraAdapter | None = None,
     ) -> None:
         if params.seed is None or not params.width or not params.height:
             raise ValueError("a job needs a validated request (seed and size resolved)")
+        if adapter is not None and params.adapter_scale is None:
+            raise ValueError("a LoRA job needs a validated request (adapter scale resolved)")
         self.params = params
-        self.model = model
+        self.model = model  # the pipeline it runs on (its base's, for a LoRA model)
+        self.adapter = adapter
         self.key = BatchKey.of(model, params)
         self.enqueued_at = time.monotonic()
         self._loop = loop

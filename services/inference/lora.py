@@ -1,56 +1,157 @@
-"""LoRA models: the base pipeline with the adapters fused into private copies of what they touch.
+"""LoRA models: the adapter weights of a published LoRA folder, read for use on a resident base.
 
 The trainer publishes a LoRA model as diffusers' LoRA folder (`pytorch_lora_weights.safetensors`,
-see services/trainer/worker/publish.py). Fusing makes sampling cost what the base costs; the copies
-keep the base's shared modules untouched (the VAE and tokenizer stay shared).
+see services/trainer/worker/publish.py): per adapted Linear layer of the UNet (and, when the text
+encoder was trained, of the text encoder) a down projection A (rank x in) and an up projection
+B (out x rank). `read_adapter` turns that file into plain tensors keyed by the layer's module
+path, checked against the base's modules, and never touches the base: row_adapters.py applies
+them at run time (y = Wx + s * B(Ax)), exactly as diffusers' `load_lora_weights` (peft) does.
+
+Accepted key spellings (all diffusers writes): `{component}.{path}.lora.down.weight` /
+`.lora.up.weight`, `.lora_linear_layer.down.weight` / `.up.weight` and peft's `.lora_A.weight` /
+`.lora_B.weight`; an optional `{component}.{path}.alpha` sets the layer's scale to alpha / rank
+(else 1, as diffusers does when a file has no alphas).
 """
 
 from __future__ import annotations
 
-import copy
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from services.common.batch_invariance import share_time_embedding_rows
+import torch
+
 from services.common.errors import FailedPrecondition
-from services.common.pipelines import assemble_pipeline
 
 LORA_WEIGHTS_FILE = "pytorch_lora_weights.safetensors"
 LORA_COMPONENTS = ("unet", "text_encoder")
+_SUFFIXES = (
+    (".lora.down.weight", "down"),
+    (".lora.up.weight", "up"),
+    (".lora_linear_layer.down.weight", "down"),
+    (".lora_linear_layer.up.weight", "up"),
+    (".lora_A.weight", "down"),
+    (".lora_B.weight", "up"),
+    (".alpha", "alpha"),
+)
 
 
-def lora_targets(lora_folder: Path) -> tuple[str, ...]:
-    """Which components the adapters touch, read from the tensor names (no weights loaded)."""
-    from safetensors import safe_open
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraLayer:
+    """One adapted Linear layer: delta(x) = alpha_scale * up(down(x))."""
 
-    path = lora_folder / LORA_WEIGHTS_FILE
-    if not path.is_file():
-        raise FailedPrecondition(f"LoRA model has no {LORA_WEIGHTS_FILE}")
-    with safe_open(str(path), framework="pt") as weights:
-        prefixes = {key.split(".", 1)[0] for key in weights.keys()}  # noqa: SIM118 - not a dict
-    targets = tuple(name for name in LORA_COMPONENTS if name in prefixes)
-    if not targets:
-        raise FailedPrecondition(
-            f"LoRA weights touch neither the UNet nor the text encoder: {sorted(prefixes)}"
+    down: torch.Tensor  # (rank, in_features)
+    up: torch.Tensor  # (out_features, rank)
+    alpha_scale: float  # alpha / rank: peft's `scaling` before any request scale
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.down, self.up))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class LoraAdapter:
+    """A LoRA model's adapters, ready to apply to its base's modules (compared by identity)."""
+
+    model_id: str
+    digest: str  # the LoRA model's manifest digest
+    layers: Mapping[str, Mapping[str, LoraLayer]]  # component -> module path -> weights
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(layer.size_bytes for by_path in self.layers.values() for layer in by_path.values())
+
+    def components(self) -> tuple[str, ...]:
+        return tuple(name for name in LORA_COMPONENTS if self.layers.get(name))
+
+
+def read_adapter(
+    weights: Path,
+    base_modules: Mapping[str, Any],
+    *,
+    model_id: str,
+    digest: str,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LoraAdapter:
+    """The adapters in a LoRA model's verified `pytorch_lora_weights.safetensors`, checked
+    against the base's `unet` and `text_encoder` modules (every adapted layer must be a Linear of
+    matching shape)."""
+    from safetensors.torch import load_file
+
+    parts = _group_keys(load_file(str(weights)), model_id)
+    layers: dict[str, dict[str, LoraLayer]] = {}
+    for (component, layer_path), tensors in sorted(parts.items()):
+        module_path, linear = _find_linear(base_modules[component], layer_path, model_id, component)
+        layers.setdefault(component, {})[module_path] = _layer(
+            tensors, linear, f"{component}.{layer_path}", model_id, device, dtype
         )
-    return targets
+    if not layers:
+        raise FailedPrecondition(f"LoRA model {model_id!r} adapts no layer of the UNet or text encoder")
+    return LoraAdapter(model_id=model_id, digest=digest, layers=layers)
 
 
-def fuse_lora_copies(modules: dict[str, Any], lora_folder: Path, targets: tuple[str, ...]) -> dict[str, Any]:
-    """Copies of the `targets` modules with the adapters fused in; the originals stay untouched."""
-    from diffusers import DDIMScheduler
+def _group_keys(state: Mapping[str, torch.Tensor], model_id: str) -> dict[tuple[str, str], dict[str, Any]]:
+    """(component, layer path) -> {"down", "up", "alpha"} tensors."""
+    parts: dict[tuple[str, str], dict[str, Any]] = {}
+    for key, tensor in state.items():
+        component, _, rest = key.partition(".")
+        match = next(((rest[: -len(s)], role) for s, role in _SUFFIXES if rest.endswith(s)), None)
+        if component not in LORA_COMPONENTS or match is None:
+            raise FailedPrecondition(
+                f"LoRA model {model_id!r} has a weight this server cannot apply: {key!r} "
+                "(supported: diffusers-format LoRA on Linear layers of the UNet and text encoder)"
+            )
+        parts.setdefault((component, match[0]), {})[match[1]] = tensor
+    return parts
 
-    copies = {name: copy.deepcopy(modules[name]) for name in targets}
-    staging = assemble_pipeline(
-        vae=modules["vae"],
-        text_encoder=copies.get("text_encoder", modules["text_encoder"]),
-        tokenizer=modules["tokenizer"],
-        unet=copies.get("unet", modules["unet"]),
-        scheduler=DDIMScheduler(clip_sample=False, steps_offset=1),  # unused: only loads adapters
+
+def _find_linear(module: Any, layer_path: str, model_id: str, component: str) -> tuple[str, Any]:
+    candidates = [layer_path]
+    if component == "text_encoder" and layer_path.startswith("text_model."):
+        candidates.append(layer_path.removeprefix("text_model."))  # older transformers layouts
+    for candidate in candidates:
+        try:
+            found = module.get_submodule(candidate)
+        except AttributeError:
+            continue
+        if isinstance(found, torch.nn.Linear):
+            return candidate, found
+    raise FailedPrecondition(
+        f"LoRA model {model_id!r} does not fit its base: {component} has no Linear layer {layer_path!r}"
     )
-    staging.load_lora_weights(str(lora_folder), weight_name=LORA_WEIGHTS_FILE, adapter_name="model")
-    staging.fuse_lora(components=list(targets), lora_scale=1.0)
-    staging.unload_lora_weights()  # drops the adapter layers; the fused weights stay
-    if "unet" in copies:
-        share_time_embedding_rows(copies["unet"])
-    return {name: module.eval().requires_grad_(False) for name, module in copies.items()}
+
+
+def _layer(
+    tensors: dict[str, Any],
+    linear: Any,
+    name: str,
+    model_id: str,
+    device: str | torch.device,
+    dtype: torch.dtype,
+) -> LoraLayer:
+    down, up = tensors.get("down"), tensors.get("up")
+    if down is None or up is None:
+        raise FailedPrecondition(f"LoRA model {model_id!r}: layer {name!r} lacks its down or up weights")
+    rank = down.shape[0]
+    shapes_fit = (
+        down.dim() == 2
+        and up.dim() == 2
+        and down.shape[1] == linear.in_features
+        and up.shape == (linear.out_features, rank)
+    )
+    if not shapes_fit:
+        raise FailedPrecondition(
+            f"LoRA model {model_id!r} does not fit its base: layer {name!r} has shapes "
+            f"{tuple(down.shape)} and {tuple(up.shape)} for a Linear {linear.in_features} -> "
+            f"{linear.out_features}"
+        )
+    alpha = tensors.get("alpha")
+    # peft's scaling is the Python float lora_alpha / r; diffusers sets lora_alpha = r without alphas.
+    alpha_scale = float(alpha.item()) / rank if alpha is not None else rank / rank
+    return LoraLayer(
+        down=down.to(device=device, dtype=dtype).contiguous(),
+        up=up.to(device=device, dtype=dtype).contiguous(),
+        alpha_scale=alpha_scale,
+    )

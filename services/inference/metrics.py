@@ -30,6 +30,17 @@ class CacheMetrics:
 
 
 @dataclasses.dataclass(frozen=True)
+class AdapterMetrics:
+    hits: Counter
+    misses: Counter
+    loads: Counter
+    evictions: Counter
+    load_duration: Histogram
+    adapters_loaded: Gauge
+    bytes_loaded: Gauge
+
+
+@dataclasses.dataclass(frozen=True)
 class InferenceMetrics:
     queue_depth: Gauge
     batch_size: Histogram
@@ -40,6 +51,7 @@ class InferenceMetrics:
     cache: CacheMetrics
     tenant_images_generated: Counter
     tenant_generate_streams: Gauge
+    adapters: AdapterMetrics
 
     @classmethod
     def create(cls, registry: CollectorRegistry, namespace: str = "dreambooth_inference") -> InferenceMetrics:
@@ -87,5 +99,22 @@ class InferenceMetrics:
                 "tenant_generate_streams",
                 "Generate calls in flight, by tenant (the streams quota).",
                 ("tenant",),
+            ),
+            adapters=AdapterMetrics(
+                hits=factory.counter("adapter_cache_hits", "LoRA requests whose adapter was already loaded."),
+                misses=factory.counter("adapter_cache_misses", "LoRA requests whose adapter was not loaded."),
+                loads=factory.counter(
+                    "adapter_loads", "LoRA adapters loaded from the store (single-flight)."
+                ),
+                evictions=factory.counter(
+                    "adapter_cache_evictions", "LoRA adapters evicted from the adapter cache (LRU)."
+                ),
+                load_duration=factory.histogram(
+                    "adapter_load_duration_seconds",
+                    "Seconds to fetch (sha256 verified) and read a LoRA adapter (its base already loaded).",
+                    buckets=STEP_BUCKETS,
+                ),
+                adapters_loaded=factory.gauge("adapters_loaded", "LoRA adapters held in the adapter cache."),
+                bytes_loaded=factory.gauge("adapter_cache_bytes", "Bytes of LoRA adapter weights held."),
             ),
         )

@@ -1,5 +1,8 @@
 """Loaded pipelines, least recently used evicted, bounded by a count and a byte budget.
 
+- Pipelines only: a LoRA model runs on its base's pipeline (its spec's `pipeline_manifest`), with
+  its adapters applied at run time (adapter_cache.py, row_adapters.py), so every LoRA of a base
+  shares the one loaded base and a LoRA request never loads a second UNet.
 - Single flight: concurrent requests for one unloaded model wait on one load.
 - Shared components: a module (UNet, VAE, text encoder, tokenizer) is keyed by the sha256 digests
   of its files, so a fine-tune that kept its base's VAE, text encoder and tokenizer holds the
@@ -26,7 +29,6 @@ from services.common.batch_invariance import share_time_embedding_rows
 from services.common.model_store import ModelManifest, ModelStore
 from services.common.pipelines import assemble_pipeline, disable_progress_bars
 from services.common.schedulers import make_scheduler
-from services.inference.lora import fuse_lora_copies, lora_targets
 from services.inference.metrics import CacheMetrics
 from services.inference.model_specs import ModelSpec
 
@@ -117,8 +119,9 @@ class ModelCache:
     # ---- get / load ---------------------------------------------------------------------------
 
     def get(self, spec: ModelSpec) -> LoadedModel:
-        """The loaded model of `spec`; loads it (once, whoever else asks meanwhile) when missing."""
-        digest = spec.digest
+        """The loaded pipeline of `spec` (of its base, for a LoRA model); loads it (once, whoever
+        else asks meanwhile) when missing."""
+        digest = spec.pipeline_manifest.digest
         with self._lock:
             model = self._loaded.get(digest)
             if model is not None:
@@ -151,10 +154,10 @@ class ModelCache:
         started = time.perf_counter()
         if self._metrics is not None:
             self._metrics.loads.inc()
-        base = spec.pipeline_manifest  # the model itself, or the base of a LoRA
-        keys = {name: self._component_key(name, base) for name in COMPONENTS}
-        self._make_room(spec, keys)
-        folder = self._models.materialize_manifest(base)
+        manifest = spec.pipeline_manifest  # the model itself, or the base of a LoRA
+        keys = {name: self._component_key(name, manifest) for name in COMPONENTS}
+        self._make_room(manifest, keys)
+        folder = self._models.materialize_manifest(manifest)  # by digest: any tenant's base will do
         modules: dict[str, Any] = {}
         held: list[str] = []  # references taken so far, given back if the load fails
         try:
@@ -163,16 +166,6 @@ class ModelCache:
                     keys[name], lambda name=name: self._load_component(name, folder)
                 )
                 held.append(keys[name])
-            if spec.manifest.kind == "lora":
-                lora_folder = self._models.materialize_manifest(spec.manifest)
-                fused = fuse_lora_copies(modules, lora_folder, lora_targets(lora_folder))
-                for name, module in fused.items():
-                    lora_key = f"{name}+lora:{spec.digest}"
-                    modules[name] = self._acquire(lora_key, lambda m=module: (m, _module_bytes(m)))
-                    held.append(lora_key)
-                    self._release(keys[name])  # the base module was only the source of the copy
-                    held.remove(keys[name])
-                    keys[name] = lora_key
         except BaseException:
             for key in held:
                 self._release(key)
@@ -187,14 +180,14 @@ class ModelCache:
         log.info(
             "model loaded",
             extra={
-                "model_id": spec.manifest.model_id,
-                "digest": spec.digest[:12],
+                "model_id": manifest.model_id,
+                "digest": manifest.digest[:12],
                 "seconds": round(seconds, 3),
             },
         )
         return LoadedModel(
-            model_id=spec.manifest.model_id,
-            digest=spec.digest,
+            model_id=manifest.model_id,
+            digest=manifest.digest,
             pipeline=pipeline,
             scheduler_config=scheduler_config,
             component_keys=tuple(keys[name] for name in COMPONENTS),
@@ -266,9 +259,8 @@ class ModelCache:
 
     # ---- eviction -----------------------------------------------------------------------------
 
-    def _make_room(self, spec: ModelSpec, keys: dict[str, str]) -> None:
+    def _make_room(self, manifest: ModelManifest, keys: dict[str, str]) -> None:
         """Evict before loading, so old and new weights are not all in memory at once."""
-        manifest = spec.pipeline_manifest
         with self._lock:
             new_bytes = sum(
                 e.size

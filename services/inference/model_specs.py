@@ -44,6 +44,10 @@ class ModelSpec:
     def digest(self) -> str:
         return self.manifest.digest
 
+    @property
+    def is_lora(self) -> bool:
+        return self.manifest.kind == "lora"
+
 
 class ModelSpecs:
     def __init__(

@@ -27,6 +27,7 @@ class GenerateParams:
     preview_interval: int = 0  # 0 = no previews
     output_format: str = vocabulary.DEFAULT_IMAGE_FORMAT
     truncate_prompt: bool = False
+    adapter_scale: float | None = None  # LoRA models only, 0..2; None = 1 (on a LoRA model)
 
     @property
     def uses_guidance(self) -> bool:

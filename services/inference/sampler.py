@@ -11,6 +11,9 @@ and so each request's result is exactly what it gets alone (DESIGN §8):
    in the same call (classifier-free guidance); guidance 1 skips the unconditional rows.
 5. Previews every k steps (only when asked: a VAE decode costs more than a UNet step here), then
    the final images, each decoded on its own (batch 1) and encoded.
+6. LoRA requests run on their base: each row of a UNet call (CFG rows too) and each prompt
+   encoding carries its request's adapter and scale (row_adapters.py), so requests for
+   different LoRA models of one base share UNet calls.
 See batch_invariance.py for why batched rows carry the same bits as solo ones.
 """
 
@@ -34,6 +37,7 @@ from services.inference.job import Job
 from services.inference.metrics import InferenceMetrics
 from services.inference.model_cache import LoadedModel
 from services.inference.params import EncodedImage, FinalImage, Preview, Progress
+from services.inference.row_adapters import RowAdapter, RowPlan, applied, row_plan
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,7 @@ class _Request:
     cond: torch.Tensor  # (n, tokens, dim)
     uncond: torch.Tensor | None  # (n, tokens, dim) when guidance is on
     step_kwargs: dict[str, Any]
+    adapter: RowAdapter  # the LoRA adapter and scale of every row of this request, or None
     estimate: torch.Tensor | None = None  # the scheduler's predicted x0, for previews
 
     @property
@@ -72,12 +77,13 @@ class Sampler:
         if self._metrics is not None:
             self._metrics.batch_size.observe(sum(r.size for r in requests))
         timesteps = requests[0].scheduler.timesteps
+        plans = _RowPlans()
         for index, timestep in enumerate(timesteps):
             requests = [r for r in requests if not r.job.cancelled]  # cancelled rows leave the batch
             if not requests:
                 return
             started = time.perf_counter()
-            self._step(model, requests, timestep, first.guidance_scale)
+            self._step(model, requests, timestep, first.guidance_scale, plans)
             if self._metrics is not None:
                 self._metrics.step_duration.observe(time.perf_counter() - started)
             step = index + 1
@@ -105,18 +111,25 @@ class Sampler:
         noise = [torch.randn(shape, generator=g, device="cpu", dtype=unet.dtype) for g in generators]
         latents = torch.cat(noise).to(unet.device) * scheduler.init_noise_sigma
         n = params.num_images
-        cond = self._encode(model, params.prompt).expand(n, -1, -1)
+        adapter: RowAdapter = None
+        if job.adapter is not None:
+            assert params.adapter_scale is not None
+            adapter = (job.adapter, params.adapter_scale)
+        cond = self._encode(model, params.prompt, adapter).expand(n, -1, -1)
         uncond = (
-            self._encode(model, params.negative_prompt).expand(n, -1, -1) if params.uses_guidance else None
+            self._encode(model, params.negative_prompt, adapter).expand(n, -1, -1)
+            if params.uses_guidance
+            else None
         )
         step_kwargs: dict[str, Any] = {}
         if "generator" in inspect.signature(scheduler.step).parameters:
             # Stochastic schedulers draw each image's noise from its own generator.
             step_kwargs["generator"] = generators if n > 1 else generators[0]
-        return _Request(job, scheduler, latents, cond, uncond, step_kwargs)
+        return _Request(job, scheduler, latents, cond, uncond, step_kwargs, adapter)
 
-    def _encode(self, model: LoadedModel, text: str) -> torch.Tensor:
-        """(1, tokens, dim) embeddings of one text, as StableDiffusionPipeline.encode_prompt makes them."""
+    def _encode(self, model: LoadedModel, text: str, adapter: RowAdapter) -> torch.Tensor:
+        """(1, tokens, dim) embeddings of one text, as StableDiffusionPipeline.encode_prompt makes them
+        (with the request's text-encoder adapter, if it has one)."""
         tokenizer = model.tokenizer
         with model.tokenizer_lock:
             ids = tokenizer(
@@ -127,18 +140,25 @@ class Sampler:
                 return_tensors="pt",
             ).input_ids
         encoder = model.text_encoder
-        return encoder(ids.to(encoder.device))[0].to(dtype=encoder.dtype)
+        with applied(row_plan("text_encoder", [adapter])):
+            return encoder(ids.to(encoder.device))[0].to(dtype=encoder.dtype)
 
-    def _step(self, model: LoadedModel, requests: list[_Request], timestep: Any, guidance: float) -> None:
+    def _step(
+        self, model: LoadedModel, requests: list[_Request], timestep: Any, guidance: float, plans: _RowPlans
+    ) -> None:
         latents = torch.cat([r.scheduler.scale_model_input(r.latents, timestep) for r in requests])
         cond = torch.cat([r.cond for r in requests])
+        adapters = [r.adapter for r in requests for _ in range(r.size)]
         if requests[0].uncond is not None:
             uncond = torch.cat([r.uncond for r in requests if r.uncond is not None])
-            noise = self._unet(model, torch.cat([latents, latents]), timestep, torch.cat([uncond, cond]))
+            embeddings = torch.cat([uncond, cond])
+            noise = self._unet(
+                model, torch.cat([latents, latents]), timestep, embeddings, adapters * 2, plans
+            )
             noise_uncond, noise_cond = noise.chunk(2)
             noise = noise_uncond + guidance * (noise_cond - noise_uncond)
         else:
-            noise = self._unet(model, latents, timestep, cond)
+            noise = self._unet(model, latents, timestep, cond, adapters, plans)
         offset = 0
         for request in requests:
             output = request.scheduler.step(
@@ -150,12 +170,21 @@ class Sampler:
 
     @staticmethod
     def _unet(
-        model: LoadedModel, latents: torch.Tensor, timestep: Any, embeddings: torch.Tensor
+        model: LoadedModel,
+        latents: torch.Tensor,
+        timestep: Any,
+        embeddings: torch.Tensor,
+        adapters: list[RowAdapter],
+        plans: _RowPlans,
     ) -> torch.Tensor:
+        """One UNet call; row i runs with `adapters[i]` (CFG rows carry their request's adapter)."""
         rows = latents.shape[0]
         if rows == 1:  # oneDNN convolutions take another path at batch 1: keep every call >= 2 rows
             latents, embeddings = torch.cat([latents, latents]), torch.cat([embeddings, embeddings])
-        return model.unet(latents, timestep, encoder_hidden_states=embeddings, return_dict=False)[0][:rows]
+            adapters = adapters * 2
+        with applied(plans.get(adapters)):
+            output = model.unet(latents, timestep, encoder_hidden_states=embeddings, return_dict=False)
+        return output[0][:rows]
 
     # ---- images -------------------------------------------------------------------------------
 
@@ -177,6 +206,20 @@ class Sampler:
             request.job.emit(FinalImage(index=index, image=encoded, seed=image_seed(params.seed, index)))
             if self._metrics is not None:
                 self._metrics.images_generated.inc()
+
+
+class _RowPlans:
+    """The UNet row plan of one batch run, built again only when its rows change (a cancel)."""
+
+    def __init__(self) -> None:
+        self._key: tuple[object, ...] | None = None
+        self._plan: RowPlan | None = None
+
+    def get(self, adapters: list[RowAdapter]) -> RowPlan | None:
+        key = tuple(None if a is None else (id(a[0]), a[1]) for a in adapters)
+        if key != self._key:
+            self._key, self._plan = key, row_plan("unet", adapters)
+        return self._plan
 
 
 def _decode(model: LoadedModel, latents: torch.Tensor) -> list[np.ndarray]:

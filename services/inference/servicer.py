@@ -7,18 +7,18 @@ server's interceptor.
 from __future__ import annotations
 
 import asyncio
-import datetime
 from collections.abc import AsyncIterator
 
 import grpc
 from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc
 from dreambooth_client import vocabulary
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.common.auth import caller
-from services.common.model_store import ModelManifest, parse_model_name
+from services.common.model_proto import model_proto
+from services.common.model_store import parse_model_name
 from services.common.request_checks import image_format_from_proto, scheduler_from_proto
 from services.inference.core import InferenceCore
+from services.inference.export import Chunk, ExportedFile, ExportPart, ExportPlan, FileStart
 from services.inference.params import (
     EncodedImage,
     FinalImage,
@@ -29,12 +29,6 @@ from services.inference.params import (
 )
 
 SERVICE_NAME = "dreambooth.v1.InferenceService"
-
-MODEL_KINDS = {
-    "base": common_pb2.MODEL_KIND_BASE,
-    "fine_tuned": common_pb2.MODEL_KIND_FINE_TUNED,
-    "lora": common_pb2.MODEL_KIND_LORA,
-}
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -64,6 +58,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         manifest = await asyncio.to_thread(self._core.get_model, model_id, caller())
         return inference_pb2.GetModelResponse(model=model_proto(manifest))
 
+    async def ExportModel(
+        self, request: inference_pb2.ExportModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.ExportModelResponse]:
+        model_id = parse_model_name(request.name, "name")
+        parts = await asyncio.to_thread(self._core.export_model, model_id, caller())
+        while (part := await asyncio.to_thread(next, parts, None)) is not None:
+            yield export_response(part)
+
 
 def generate_params(request: inference_pb2.GenerateRequest) -> GenerateParams:
     scheduler = scheduler_from_proto(request.scheduler)
@@ -82,6 +84,7 @@ def generate_params(request: inference_pb2.GenerateRequest) -> GenerateParams:
         preview_interval=request.preview_interval,
         output_format=output_format,
         truncate_prompt=request.truncate_prompt,
+        adapter_scale=request.adapter_scale if request.HasField("adapter_scale") else None,
     )
 
 
@@ -102,6 +105,23 @@ def generate_response(event: GenerateEvent) -> inference_pb2.GenerateResponse:
     raise TypeError(f"unknown event {event!r}")
 
 
+def export_response(part: ExportPart) -> inference_pb2.ExportModelResponse:
+    if isinstance(part, Chunk):
+        return inference_pb2.ExportModelResponse(chunk=part.data)
+    if isinstance(part, FileStart):
+        return inference_pb2.ExportModelResponse(file=export_file_proto(part.file))
+    if isinstance(part, ExportPlan):
+        manifest = inference_pb2.ExportManifest(
+            model=model_proto(part.manifest), files=[export_file_proto(f) for f in part.files]
+        )
+        return inference_pb2.ExportModelResponse(manifest=manifest)
+    raise TypeError(f"unknown export part {part!r}")
+
+
+def export_file_proto(exported: ExportedFile) -> inference_pb2.ExportFile:
+    return inference_pb2.ExportFile(path=exported.path, sha256=exported.sha256, size_bytes=exported.size)
+
+
 def image_proto(image: EncodedImage) -> common_pb2.Image:
     return common_pb2.Image(
         data=image.data,
@@ -109,27 +129,3 @@ def image_proto(image: EncodedImage) -> common_pb2.Image:
         width=image.width,
         height=image.height,
     )
-
-
-def model_proto(manifest: ModelManifest) -> common_pb2.Model:
-    training_job = manifest.training_job or ""
-    if training_job and not training_job.startswith("trainingJobs/"):
-        training_job = f"trainingJobs/{training_job}"
-    return common_pb2.Model(
-        name=manifest.name,
-        kind=MODEL_KINDS.get(manifest.kind, common_pb2.MODEL_KIND_UNSPECIFIED),
-        base_model=f"models/{manifest.base_model}" if manifest.base_model else "",
-        training_job=training_job,
-        create_time=_timestamp(manifest.create_time),
-        size_bytes=manifest.size_bytes,
-        manifest_digest=manifest.digest,
-        file_count=len(manifest.files),
-        labels=manifest.labels,
-    )
-
-
-def _timestamp(iso: str) -> Timestamp:
-    stamp = Timestamp()
-    moment = datetime.datetime.fromisoformat(iso.replace("Z", "+00:00"))
-    stamp.FromDatetime(moment.astimezone(datetime.timezone.utc).replace(tzinfo=None))
-    return stamp

@@ -38,13 +38,22 @@ class InferenceSettings:
     # Loaded models (LRU); components shared with another loaded model count once.
     cache_max_models: int = 4
     cache_max_bytes: int = 8 * GIB
+    # LoRA adapters (LRU, beside the models): applied at run time on their resident base.
+    adapter_cache_max_bytes: int = 1 * GIB
     preview_max_size: int = 256  # longest side of preview JPEGs, in pixels
     warmup_retry_seconds: float = 5.0  # retry period while the default model cannot be loaded
     usage_flush_seconds: float = 10.0  # how often per-tenant image counts reach the store (GetUsage)
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "max_queue", "workers", "cache_max_models", "cache_max_bytes"):
+        for name in (
+            "max_batch",
+            "max_queue",
+            "workers",
+            "cache_max_models",
+            "cache_max_bytes",
+            "adapter_cache_max_bytes",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_width", "max_height"):

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dreambooth_client import vocabulary
 
 from services.common.errors import InvalidArgument
-from services.common.request_checks import check_guidance, check_image_format, check_scheduler, check_seed
+from services.common.request_checks import (
+    check_adapter_scale,
+    check_guidance,
+    check_image_format,
+    check_scheduler,
+    check_seed,
+)
 from services.inference.params import GenerateParams
 
 MAX_IMAGES = 8
@@ -48,6 +54,8 @@ def check_request(params: GenerateParams, limits: RequestLimits) -> GeneratePara
         raise InvalidArgument("preview_interval", f"must be >= 0, got {params.preview_interval}")
     if params.seed is not None:
         check_seed(params.seed)  # any seed in range, for any count: image seeds wrap
+    if params.adapter_scale is not None:
+        check_adapter_scale(params.adapter_scale)
     if not params.prompt.strip():
         raise InvalidArgument("prompt", "must not be empty")
     for field in ("prompt", "negative_prompt"):
@@ -74,11 +82,20 @@ def check_against_model(
     default_height: int,
     count_tokens: Callable[[str], int],
     max_tokens: int,
+    is_lora: bool = False,
 ) -> GenerateParams:
     """Resolve the model-dependent defaults and check the prompts' token counts.
 
     `count_tokens(text)` counts the tokens the text encoder would see, start and end included.
+    An adapter scale is for LoRA models only (unset there = 1).
     """
+    adapter_scale = params.adapter_scale
+    if is_lora and adapter_scale is None:
+        adapter_scale = vocabulary.DEFAULT_ADAPTER_SCALE
+    elif not is_lora and adapter_scale is not None:
+        raise InvalidArgument(
+            "adapter_scale", f"applies to LoRA models only; models/{params.model_id} is not one"
+        )
     width = params.width or default_width
     height = params.height or default_height
     _check_size("width", width, limits.max_width)
@@ -95,7 +112,7 @@ def check_against_model(
                     f"is {count} tokens; the text encoder takes at most {max_tokens} "
                     "(set truncate_prompt to cut it)",
                 )
-    return dataclasses.replace(params, width=width, height=height)
+    return dataclasses.replace(params, width=width, height=height, adapter_scale=adapter_scale)
 
 
 def with_seed(params: GenerateParams) -> GenerateParams:

@@ -13,7 +13,8 @@ A set is complete iff `priors/{key}/manifest.json` exists (written last). Otherw
 already in the store are kept (every put is atomic, so a killed run leaves only whole images)
 and only the missing indices are rendered, `batch_size` per denoising call of fixed shape
 (render.py). Image i depends only on the key's inputs and i, never on its batch, slot or run,
-so the finished set is byte-identical to an uninterrupted run.
+so the finished set is byte-identical to an uninterrupted run. While a set is being made, its
+prefix is pinned (services/common/store_pins.py) against the store's garbage collector.
 
 Single flight: identical requests (same key) in one process share one generation. Choice: only
 the request that started the generation reports `generated` > 0; a request that joined it gets
@@ -40,6 +41,7 @@ from services.common.errors import Unavailable
 from services.common.model_store import ModelManifest, ModelStore
 from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
+from services.common.store_pins import Pin, wait_for_collectors
 from services.common.tenancy import IMPLICIT_TENANT, Tenant, namespace_of, owner_for
 from services.priorgen.cache_key import image_key, images_prefix, manifest_key, parse_image_index, prior_key
 from services.priorgen.cache_key import set_prefix as key_prefix
@@ -140,7 +142,7 @@ class PriorGenerator:
         flight, leader = self._flights.join(flight_key)
         release = flight.attach(on_progress)
         if leader:
-            work = lambda report: self._produce(target, report, flight.abandoned)  # noqa: E731
+            work = lambda report: self._produce_pinned(target, report, flight.abandoned)  # noqa: E731
             try:
                 self._sets.submit(self._flights.run, flight_key, flight, work)
             except RuntimeError:  # closed between the check above and here
@@ -173,6 +175,16 @@ class PriorGenerator:
         return PriorSetResult(target.key, key_prefix(target.key), target.spec.num_images, cached, generated)
 
     # ---- generation (leader only, on a set worker) --------------------------------------------
+
+    def _produce_pinned(
+        self, target: _Target, report: ProgressFn, abandoned: threading.Event
+    ) -> PriorSetResult:
+        """`_produce` under a pin on the set's prefix (in the tenant's prefix, where the collector
+        reads it); images an interrupted run left are counted only once no collection that could
+        have missed the pin is running."""
+        with Pin(target.store, prefixes=[key_prefix(target.key)], owner=f"prior set {target.key}"):
+            wait_for_collectors(target.store)
+            return self._produce(target, report, abandoned)
 
     def _produce(self, target: _Target, report: ProgressFn, abandoned: threading.Event) -> PriorSetResult:
         spec, key = target.spec, target.key

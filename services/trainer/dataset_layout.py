@@ -3,6 +3,9 @@ upload side (jobs.datasets writes) and the worker side (worker.data reads) share
 
     datasets/{id}/images/{i:03d}.png
     datasets/{id}/manifest.json      written last: a dataset without a manifest does not exist
+
+While a dataset is written its prefix is pinned (services/common/store_pins.py), so the store's
+garbage collector does not take its images for the leftovers of an upload that died.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 
 from services.common.errors import InvalidArgument, NotFound
 from services.common.object_store import ObjectStore
+from services.common.store_pins import Pin, wait_for_collectors
 
 PREFIX = "datasets/"
 _DATASET_ID = re.compile(r"^[0-9a-f]{64}$")
@@ -76,8 +80,12 @@ def parse_dataset_name(name: str, field: str) -> str:
     return dataset_id
 
 
+def dataset_prefix(dataset_id: str) -> str:
+    return f"{PREFIX}{dataset_id}/"
+
+
 def manifest_key(dataset_id: str) -> str:
-    return f"{PREFIX}{dataset_id}/manifest.json"
+    return f"{dataset_prefix(dataset_id)}manifest.json"
 
 
 def image_path(index: int) -> str:
@@ -103,16 +111,24 @@ def write_dataset(
 ) -> DatasetInfo:
     """Write the images, then the manifest (last: only now does the dataset exist)."""
     images = []
-    for index, png in enumerate(pngs):
-        path = image_path(index)
-        store.put_bytes(image_key(dataset_id, path), png)
-        width, height = _png_size(png)
-        digest = hashlib.sha256(png).hexdigest()
-        images.append(DatasetImage(path=path, sha256=digest, size=len(png), width=width, height=height))
-    moment = now or datetime.datetime.now(datetime.timezone.utc)
-    info = DatasetInfo(dataset_id=dataset_id, images=tuple(images), create_time=moment.isoformat())
-    store.put_json(manifest_key(dataset_id), info.to_json())
+    with Pin(store, prefixes=[dataset_prefix(dataset_id)], owner=f"upload {dataset_name(dataset_id)}"):
+        wait_for_collectors(store)  # the same images, deleted before, may still be being swept
+        for index, png in enumerate(pngs):
+            path = image_path(index)
+            store.put_bytes(image_key(dataset_id, path), png)
+            width, height = _png_size(png)
+            digest = hashlib.sha256(png).hexdigest()
+            images.append(DatasetImage(path=path, sha256=digest, size=len(png), width=width, height=height))
+        moment = now or datetime.datetime.now(datetime.timezone.utc)
+        info = DatasetInfo(dataset_id=dataset_id, images=tuple(images), create_time=moment.isoformat())
+        store.put_json(manifest_key(dataset_id), info.to_json())
     return info
+
+
+def delete_dataset(store: ObjectStore, dataset_id: str) -> None:
+    """The manifest first (the dataset stops existing), then its images."""
+    store.delete(manifest_key(dataset_id))
+    store.delete_prefix(dataset_prefix(dataset_id))
 
 
 def _png_size(png: bytes) -> tuple[int, int]:

@@ -29,6 +29,27 @@ KEYS = {
         "lora_ratio",
         "rows",
     },
+    "lora.py": {
+        "switch_ms",
+        "full_load_ms",
+        "switch_fraction",
+        "adapter_bytes",
+        "full_model_bytes",
+        "full_model_new_bytes",
+        "mixed_images_per_s",
+        "single_lora_images_per_s",
+        "mixed_ratio",
+        "runtime_images_per_s",
+        "merged_images_per_s",
+        "fused_ratio",
+    },
+}
+# What must hold of a quick run's figures beyond their presence (never a speed).
+CHECKS = {
+    "lora.py": lambda r: (
+        0 < r["adapter_bytes"] < r["full_model_new_bytes"] < r["full_model_bytes"]
+        and all(r[name] > 0 for name in ("switch_ms", "full_load_ms", "mixed_ratio", "fused_ratio"))
+    ),
 }
 
 
@@ -48,6 +69,7 @@ def test_a_quick_run_ends_with_one_json_line_of_its_figures(bench: str, tmp_path
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert KEYS[bench] <= set(result), result
     assert all(value is not None for key, value in result.items() if key in KEYS[bench]), result
+    assert CHECKS.get(bench, lambda _: True)(result), result
 
 
 def test_the_quality_benchmark_refuses_a_model_of_another_world(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import logging
 import time
 import urllib.request
@@ -28,12 +29,16 @@ from dreambooth.v1 import (
     trainer_pb2,
     trainer_pb2_grpc,
 )
+from dreambooth_client import DreamBoothClient
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.common import keys_cli
-from services.common.model_store import ModelStore
+from services.common.model_store import ModelStore, blob_key
+from services.common.namespaced_store import scoped_store
 from services.common.s3_store import S3ObjectStore
 from services.common.settings import AuthSettings, StoreSettings
+from services.common.store_pins import Pin
+from services.gc.collector import collect
 from tests.fixtures.inference_server import RunningInference, inference_settings_for
 from tests.fixtures.models import TINY_MODEL_ID
 from tests.fixtures.priorgen_server import RunningPriorGen, priorgen_settings_for, priors_request
@@ -366,7 +371,7 @@ def test_no_key_is_unauthenticated_on_every_rpc_of_every_service(deployment: Dep
         "InferenceService": deployment.inference.address,
     }
     methods = every_method()
-    assert len(methods) == 11  # a new RPC is tried here as soon as it is added
+    assert len(methods) == 15  # a new RPC is tried here as soon as it is added
     for service, full_method, method in methods:
         channel = deployment.channel(addresses[service])
         for metadata, message in (((), "missing credentials"), (bearer("dbk_not_a_key"), "invalid API key")):
@@ -499,3 +504,91 @@ def test_quotas_are_enforced_and_usage_counts_move(deployment: Deployment, world
     assert deployment.trainer.server.app.registry.get_sample_value(
         "dreambooth_trainer_tenant_training_step_seconds_total", {"tenant": "alpha"}
     )
+
+
+def model_blobs(store: S3ObjectStore, tenant: str, model: str) -> set[str]:
+    manifest = ModelStore(scoped_store(store, tenant), Path("unused")).get(model.removeprefix("models/"))
+    return {entry.sha256 for entry in manifest.files.values()}
+
+
+def test_deletes_and_exports_reach_only_the_callers_own_and_a_collection_covers_every_tenant(
+    deployment: Deployment, world: World, tmp_path: Path
+) -> None:
+    """Runs last: beta deletes what it has. Alpha's model keeps every blob, beta's own go."""
+    alpha, beta = deployment.as_tenant("alpha"), deployment.as_tenant("beta")
+    store = deployment.store
+    theirs, mine = world.jobs["beta"], world.jobs["alpha"]
+    missing_job, missing_dataset = "trainingJobs/0123456789ab", "datasets/" + "0" * 64
+
+    # 1. Alpha cannot delete or export beta's job, dataset or model: as if they did not exist.
+    for rpc, request, present, missing in (
+        (alpha.trainer.DeleteTrainingJob, S.DeleteTrainingJobRequest, theirs.name, missing_job),
+        (alpha.trainer.DeleteDataset, S.DeleteDatasetRequest, world.datasets["beta"], missing_dataset),
+        (alpha.trainer.DeleteModel, S.DeleteModelRequest, theirs.model, "models/no-such-model"),
+    ):
+        same_message_as_missing(
+            rpc_error(lambda rpc=rpc, request=request, name=present: alpha.call(rpc, request(name=name))),
+            present.removeprefix("models/"),
+            rpc_error(lambda rpc=rpc, request=request, name=missing: alpha.call(rpc, request(name=name))),
+            missing.removeprefix("models/"),
+        )
+    export = alpha.inference.ExportModel
+    same_message_as_missing(
+        rpc_error(lambda: alpha.stream(export, inference_pb2.ExportModelRequest(name=theirs.model))),
+        theirs.model.removeprefix("models/"),
+        rpc_error(
+            lambda: alpha.stream(export, inference_pb2.ExportModelRequest(name="models/no-such-model"))
+        ),
+        "no-such-model",
+    )
+    assert beta.get(theirs.name).state == S.TRAINING_JOB_STATE_SUCCEEDED  # all still there
+    assert beta.call(beta.inference.GetModel, inference_pb2.GetModelRequest(name=theirs.model)).model.name
+
+    # 2. The shared base is anyone's to use and export, no tenant's to delete.
+    refused = rpc_error(lambda: alpha.call(alpha.trainer.DeleteModel, S.DeleteModelRequest(name=SHARED_BASE)))
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED and "shared base" in refused.details()
+
+    # 3. Alpha exports its own model, every file checked against its digest by the SDK.
+    with DreamBoothClient(
+        trainer=None, inference=deployment.inference.address, api_key=deployment.keys["alpha"], timeout=60
+    ) as sdk:
+        exported = sdk.export_model(mine.model, tmp_path / "alpha-model")
+    assert exported.name == mine.model and (tmp_path / "alpha-model" / "model_index.json").is_file()
+
+    # 4. Beta deletes its own job, dataset and model; its usage keeps the training it paid for.
+    before = beta.usage()
+    their_blobs = model_blobs(store, "beta", theirs.model)
+    assert beta.call(
+        beta.trainer.DeleteTrainingJob, S.DeleteTrainingJobRequest(name=theirs.name)
+    ).training_job
+    beta.call(beta.trainer.DeleteDataset, S.DeleteDatasetRequest(name=world.datasets["beta"]))
+    beta.call(beta.trainer.DeleteModel, S.DeleteModelRequest(name=theirs.model))
+    after = beta.usage()
+    assert after.training_step_seconds == pytest.approx(before.training_step_seconds)
+    assert after.training_step_seconds > 0 and after.stored_bytes < before.stored_bytes
+    assert rpc_error(lambda: beta.get(theirs.name)).code() == grpc.StatusCode.NOT_FOUND
+    assert alpha.get(mine.name).state == S.TRAINING_JOB_STATE_SUCCEEDED  # alpha's untouched
+
+    # 5. A collection while alpha has a publish in flight (its pin in alpha's prefix, blob uploaded,
+    # no manifest yet): alpha's models and in-flight blob stay, beta's own blobs go.
+    in_flight = b"alpha's publish in flight"
+    in_flight_digest = hashlib.sha256(in_flight).hexdigest()
+    alpha_blobs = model_blobs(store, "alpha", mine.model)
+    base_blobs = model_blobs(store, "", SHARED_BASE)
+    beta_only = their_blobs - alpha_blobs - base_blobs
+    assert beta_only  # its fine-tuned weights
+    with Pin(scoped_store(store, "alpha"), blobs=[in_flight_digest], owner="test publish"):
+        store.put_bytes(blob_key(in_flight_digest), in_flight)
+        report = collect(store)
+    swept = {g.key for g in report.garbage}
+    assert {blob_key(digest) for digest in beta_only} <= swept
+    kept = {blob_key(digest) for digest in alpha_blobs | base_blobs | {in_flight_digest}}
+    assert not kept & swept and kept <= {info.key for info in store.list("blobs/")}
+    # Of alpha's own keys only the prior set no job names goes (test_priors_are_made_per_tenant's).
+    assert {g.kind for g in report.garbage if g.key.startswith("tenants/alpha/")} <= {"prior set"}
+    alpha_job = store.get_json(f"tenants/alpha/jobs/{mine.name.removeprefix('trainingJobs/')}/job.json")
+    assert alpha_job["prior_prefix"] and not [k for k in swept if alpha_job["prior_prefix"] in k]
+    images = alpha.generate(mine.model)  # alpha's model still loads, every blob verified
+    assert [r.WhichOneof("event") for r in images][-1] == "image"
+    # The publish died without its manifest: its pin gone, the next collection takes the blob.
+    assert blob_key(in_flight_digest) in {g.key for g in collect(store).garbage}

@@ -8,20 +8,16 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from prometheus_client import CollectorRegistry
 
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
 from services.common.tiny_model import build_tiny_model
-from services.inference.lora import LORA_WEIGHTS_FILE
 from services.inference.metrics import InferenceMetrics
 from services.inference.model_cache import ModelCache
 from services.inference.model_specs import ModelSpecs
-from services.inference.params import FinalImage, GenerateParams
-from tests.fixtures.inference_server import TinyInference, run_jobs
+from tests.fixtures.loras import make_lora
 
 
 class Store:
@@ -46,27 +42,6 @@ class Store:
         return self.registry.get_sample_value(f"dreambooth_inference_{name}") or 0.0
 
 
-def make_lora(unet_dir: Path, out: Path) -> Path:
-    """diffusers-format LoRA adapters on the attention projections, with non-zero weights."""
-    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
-    unet = UNet2DConditionModel.from_pretrained(str(unet_dir))
-    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, parameter in unet.named_parameters():
-            if "lora_B" in name:  # B starts at zero: the adapter would change nothing
-                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    StableDiffusionPipeline.save_lora_weights(
-        out, unet_lora_layers=layers, weight_name=LORA_WEIGHTS_FILE, safe_serialization=True
-    )
-    return out
-
-
 @pytest.fixture(scope="module")
 def store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Store:
     root = tmp_path_factory.mktemp("model-cache")
@@ -75,7 +50,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Sto
     shutil.copytree(tiny_model_dir, tuned)
     shutil.rmtree(tuned / "unet")
     shutil.copytree(other / "unet", tuned / "unet")  # a fine-tune that changed only the UNet
-    return Store(root, tiny_model_dir, tuned, make_lora(tiny_model_dir / "unet", root / "lora"))
+    return Store(root, tiny_model_dir, tuned, make_lora(tiny_model_dir, root / "lora", seed=0))
 
 
 @pytest.fixture
@@ -173,30 +148,12 @@ def test_a_failed_load_reaches_every_waiter_and_is_retried(store: Store, tmp_pat
     assert cache.get(spec).model_id == "tiny-sd"
 
 
-def test_a_lora_model_fuses_its_adapters_into_a_private_unet(store: Store) -> None:
+def test_a_lora_model_is_served_by_its_bases_pipeline_with_nothing_copied(
+    store: Store, counts: dict[str, float]
+) -> None:
     cache = store.cache()
+    lora = cache.get(store.specs.get("tiny-lora"))  # loads the base, once
     base = cache.get(store.specs.get("tiny-sd"))
-    lora = cache.get(store.specs.get("tiny-lora"))
-    assert lora.vae is base.vae and lora.text_encoder is base.text_encoder
-    assert lora.unet is not base.unet
-    tiny = TinyInference(store.models, store.specs, cache, store.specs.get("tiny-lora"), lora)
-    params = tiny.resolve(GenerateParams("tiny-lora", "a photo of sks dog", steps=4, seed=1))
-    [with_lora] = run_jobs(lora, [params])
-    [without] = run_jobs(base, [params])
-    images = [[e.image.data for e in events if isinstance(e, FinalImage)] for events in (with_lora, without)]
-    assert images[0] != images[1]
-    # The base's shared UNet was not touched by the fusing.
-    reference = base.unet.state_dict()
-    fresh = ModelCache(store.models, max_models=1, max_bytes=2**34).get(store.specs.get("tiny-sd"))
-    for name, tensor in fresh.unet.state_dict().items():
-        assert np.array_equal(tensor.numpy(), reference[name].numpy()), name
-
-
-def test_a_lora_alone_holds_no_base_unet_and_eviction_frees_everything(store: Store) -> None:
-    cache = store.cache(max_models=1)
-    lora = cache.get(store.specs.get("tiny-lora"))
-    modules = cache.component_modules()
-    assert len(modules) == 4 and lora.unet in modules.values()  # the fused copy, not the base UNet
-    cache.get(store.specs.get("tuned"))  # evicts the LoRA model
-    assert lora.unet not in cache.component_modules().values()
-    assert len(cache.component_modules()) == 4
+    assert lora is base and cache.loaded_model_ids() == ["tiny-sd"]
+    assert len(cache.component_modules()) == 4  # no private UNet or text encoder
+    assert delta(store, counts, "model_loads_total") == 1

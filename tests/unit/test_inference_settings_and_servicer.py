@@ -6,10 +6,11 @@ import pytest
 from dreambooth.v1 import common_pb2, inference_pb2
 
 from services.common.errors import InvalidArgument
+from services.common.model_proto import model_proto
 from services.common.model_store import ManifestEntry, ModelManifest
 from services.common.settings import from_env
 from services.inference.params import EncodedImage, FinalImage, Preview, Progress
-from services.inference.servicer import generate_params, generate_response, model_proto
+from services.inference.servicer import generate_params, generate_response
 from services.inference.settings import ENV_PREFIX, InferenceSettings
 
 

@@ -53,7 +53,9 @@ def test_upload_stores_normalised_pngs_and_manifest_last(store: CountingStore) -
     assert info.image_count == 3
     prefix = f"datasets/{info.dataset_id}/"
     expected = [f"{prefix}images/{index:03d}.png" for index in range(3)]
-    assert store.puts == [*expected, f"{prefix}manifest.json"]
+    pins = [key for key in store.puts if key.startswith("pins/")]
+    assert len(pins) == 1 and store.puts == [*pins, *expected, f"{prefix}manifest.json"]  # pinned first
+    assert not list(store.list("pins/"))  # and unpinned once the manifest is written
     for key, image in zip(info.image_keys(), info.images, strict=True):
         decoded = Image.open(io.BytesIO(store.get_bytes(key)))
         assert (

@@ -15,6 +15,7 @@ from dreambooth.v1 import trainer_pb2, trainer_pb2_grpc
 
 from services.common.auth import caller
 from services.common.errors import InvalidArgument
+from services.common.model_proto import model_proto
 from services.common.streams import with_idle_timeout
 from services.trainer.api import convert
 from services.trainer.jobs.core import TrainerCore
@@ -92,3 +93,21 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
     ) -> trainer_pb2.GetUsageResponse:
         usage = await asyncio.to_thread(self.core.usage, caller())
         return convert.usage_to_proto(usage)
+
+    async def DeleteTrainingJob(
+        self, request: trainer_pb2.DeleteTrainingJobRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.DeleteTrainingJobResponse:
+        job = await asyncio.to_thread(self.core.delete_job, request.name, caller())
+        return trainer_pb2.DeleteTrainingJobResponse(training_job=convert.job_to_proto(job))
+
+    async def DeleteDataset(
+        self, request: trainer_pb2.DeleteDatasetRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.DeleteDatasetResponse:
+        info = await asyncio.to_thread(self.core.delete_dataset, request.name, caller())
+        return trainer_pb2.DeleteDatasetResponse(dataset=convert.dataset_to_proto(info))
+
+    async def DeleteModel(
+        self, request: trainer_pb2.DeleteModelRequest, context: grpc.aio.ServicerContext
+    ) -> trainer_pb2.DeleteModelResponse:
+        manifest = await asyncio.to_thread(self.core.delete_model, request.name, caller())
+        return trainer_pb2.DeleteModelResponse(model=model_proto(manifest))

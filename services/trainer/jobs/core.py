@@ -1,4 +1,5 @@
-"""The trainer's core behind TrainerService, free of gRPC: datasets, jobs, cancel and watch.
+"""The trainer's core behind TrainerService, free of gRPC: datasets, jobs, cancel, watch and
+deletes (of jobs, datasets and models: the trainer knows which jobs still need them).
 
 The servicer translates protobuf to the plain objects here and back; everything that touches
 the store is blocking, so the servicer calls it from a worker thread.
@@ -18,12 +19,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.common.model_store import ModelStore
+from services.common.model_store import ModelManifest, ModelStore, parse_model_name
 from services.common.object_store import ObjectStore
 from services.common.tenancy import IMPLICIT_TENANT, Quotas, Tenant, quota_exceeded
-from services.common.usage import IMAGES_GENERATED, ledger_total, stored_bytes
-from services.trainer.dataset_layout import DatasetInfo
+from services.common.usage import IMAGES_GENERATED, TRAINING_STEP_SECONDS, ledger_total, stored_bytes
+from services.trainer.dataset_layout import DatasetInfo, parse_dataset_name
 from services.trainer.jobs.datasets import DatasetStore, ImageUpload
+from services.trainer.jobs.deletion import Deletions
 from services.trainer.jobs.events import EventLogs, JobEventLog
 from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.records import (
@@ -69,6 +71,7 @@ class TrainerCore:
         metrics: TrainerMetrics | None = None,
         gpu_count: GpuCounter | None = None,
         persist_seconds: float = 5.0,
+        delete_wait_seconds: float = 60.0,
         clock: Callable[[], float] = time.time,
         tenants: Callable[[], Iterable[str]] = tuple,
     ) -> None:
@@ -76,7 +79,9 @@ class TrainerCore:
         self.models = models
         self.datasets = DatasetStore(store)  # the implicit tenant's
         self.tenants = tenants  # names from the keys file: whose job records to load at start
-        self._create_lock = threading.Lock()  # quota checks and creation, one at a time
+        # Quota checks and creation, one at a time; deletes hold it too, so a job never starts
+        # using what a delete removes.
+        self._create_lock = threading.Lock()
         self.spec_limits = spec_limits
         self.upload_limits = upload_limits
         self.uploads = UploadGate(upload_limits)
@@ -96,6 +101,16 @@ class TrainerCore:
         )
         if metrics is not None:
             metrics.watch_jobs(self.repo.count_by_state)
+        self.deletions = Deletions(
+            store=store,
+            repo=self.repo,
+            events=self.events,
+            runner=self.runner,
+            models=models,
+            lock=self._create_lock,
+            wait_seconds=delete_wait_seconds,
+            tenants=tenants,
+        )
 
     # Life cycle
 
@@ -147,14 +162,14 @@ class TrainerCore:
         existing = self.repo.find_by_request(request_id, request_fingerprint, tenant.name)
         if existing is not None:
             return existing
-        spec = validate_spec(
-            request,
-            limits=self.spec_limits,
-            models=StoreModelCatalog(self.models.for_tenant(tenant.name)),
-            datasets=DatasetStore(self.store, tenant.name),
-            gpu_count=self.gpu_count,
-        )
-        with self._create_lock:
+        with self._create_lock:  # deletes hold it too: nothing validated here goes before creation
+            spec = validate_spec(
+                request,
+                limits=self.spec_limits,
+                models=StoreModelCatalog(self.models.for_tenant(tenant.name)),
+                datasets=DatasetStore(self.store, tenant.name),
+                gpu_count=self.gpu_count,
+            )
             existing = self.repo.find_by_request(request_id, request_fingerprint, tenant.name)
             if existing is not None:
                 return existing
@@ -201,6 +216,18 @@ class TrainerCore:
     def event_log(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> JobEventLog:
         return self.events.get(self.get_job(name, tenant))
 
+    # Deletes (see deletion.py)
+
+    def delete_job(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> Job:
+        """Cancel (and await) a running job, then delete it and what it stored but its model."""
+        return self.deletions.delete_job(parse_job_name(name), tenant.name)
+
+    def delete_dataset(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> DatasetInfo:
+        return self.deletions.delete_dataset(parse_dataset_name(name, "name"), tenant.name)
+
+    def delete_model(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> ModelManifest:
+        return self.deletions.delete_model(parse_model_name(name, "name"), tenant.name)
+
     # Usage
 
     def stored_bytes(self, tenant: Tenant) -> int:
@@ -213,7 +240,8 @@ class TrainerCore:
         jobs = self.repo.all(tenant.name)
         return Usage(
             tenant=tenant.label,
-            training_step_seconds=sum(job.training_step_seconds for job in jobs),
+            training_step_seconds=sum(job.training_step_seconds for job in jobs)
+            + ledger_total(self.store, tenant.name, TRAINING_STEP_SECONDS),  # of deleted jobs
             images_generated=int(ledger_total(self.store, tenant.name, IMAGES_GENERATED)),
             stored_bytes=self.stored_bytes(tenant),
             active_training_jobs=sum(1 for job in jobs if not job.state.is_final),

@@ -21,6 +21,7 @@ from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.trainer.dataset_layout import (
     DatasetInfo,
+    delete_dataset,
     manifest_key,
     read_dataset,
     write_dataset,
@@ -46,6 +47,9 @@ class DatasetStore:
 
     def exists(self, dataset_id: str) -> bool:
         return self.store.exists(manifest_key(dataset_id))
+
+    def delete(self, dataset_id: str) -> None:
+        delete_dataset(self.store, dataset_id)
 
     def save(
         self,

@@ -295,6 +295,11 @@ class EventLogs:
             clock=self._clock,
         )
 
+    def forget(self, job_id: str) -> None:
+        """Drop a deleted job's log from memory (its keys are removed with the job's)."""
+        with self._lock:
+            self._logs.pop(job_id, None)
+
     def get(self, job: Job) -> JobEventLog:
         """The job's log; loaded (or rebuilt from the record) when not in memory."""
         return self._get(job, sync=True)

@@ -349,6 +349,19 @@ class JobRepository:
                 changes.setdefault("end_time", now)
             return self.update(job_id, state=state, **changes)
 
+    def delete(self, job_id: str, tenant: str) -> Job:
+        """Forget a finished job of `tenant` and remove its record (the job stops existing); its
+        other keys are the caller's to remove. Another tenant's job is NotFound, as for no job."""
+        with self._lock:
+            job = self.get(job_id, tenant)
+            if not job.state.is_final:
+                raise FailedPrecondition(f"{job.name} is {job.state.value}; only a finished job is deleted")
+            scoped_store(self.store, job.tenant).delete(job_key(job_id))
+            del self._jobs[job_id]
+            if job.request_id and self._by_request.get((job.tenant, job.request_id)) == job_id:
+                del self._by_request[(job.tenant, job.request_id)]
+        return job
+
     def _write(self, job: Job) -> None:
         scoped_store(self.store, job.tenant).put_json(job_key(job.job_id), job.to_json())
 

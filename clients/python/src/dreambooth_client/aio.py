@@ -15,6 +15,7 @@ import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -33,6 +34,7 @@ from dreambooth_client.channels import (
     env_address,
 )
 from dreambooth_client.errors import JobFailedError, error_from_code, error_from_rpc
+from dreambooth_client.export import ExportWriter
 from dreambooth_client.messages import GeneratedImage, ImageInput
 from dreambooth_client.retry import Backoff, RetryPolicy, is_retryable
 from dreambooth_client.streams import (
@@ -162,6 +164,11 @@ class AsyncDreamBoothClient:
         )
         return response.dataset
 
+    async def delete_dataset(self, dataset: Any, *, timeout: float | None = None) -> trainer_pb2.Dataset:
+        """Like `DreamBoothClient.delete_dataset`."""
+        request = trainer_pb2.DeleteDatasetRequest(name=messages.dataset_name(dataset))
+        return (await self._unary(self.trainer_stub.DeleteDataset, request, timeout)).dataset
+
     async def create_training_job(
         self,
         spec: trainer_pb2.TrainingJobSpec | Mapping[str, Any] | None = None,
@@ -197,6 +204,11 @@ class AsyncDreamBoothClient:
     async def cancel_training_job(self, job: Any, *, timeout: float | None = None) -> trainer_pb2.TrainingJob:
         request = trainer_pb2.CancelTrainingJobRequest(name=messages.job_name(job))
         return (await self._unary(self.trainer_stub.CancelTrainingJob, request, timeout)).training_job
+
+    async def delete_training_job(self, job: Any, *, timeout: float | None = None) -> trainer_pb2.TrainingJob:
+        """Like `DreamBoothClient.delete_training_job`."""
+        request = trainer_pb2.DeleteTrainingJobRequest(name=messages.job_name(job))
+        return (await self._unary(self.trainer_stub.DeleteTrainingJob, request, timeout)).training_job
 
     async def watch(
         self, job: Any, after_sequence: int = 0, *, timeout: float | None = None
@@ -307,3 +319,35 @@ class AsyncDreamBoothClient:
     async def get_usage(self, *, timeout: float | None = None) -> trainer_pb2.GetUsageResponse:
         """This key's tenant: training step-seconds, images generated, bytes stored, quotas."""
         return await self._unary(self.trainer_stub.GetUsage, trainer_pb2.GetUsageRequest(), timeout)
+
+    async def delete_model(self, model: Any, *, timeout: float | None = None) -> common_pb2.Model:
+        """Like `DreamBoothClient.delete_model`."""
+        request = trainer_pb2.DeleteModelRequest(name=messages.model_name(model))
+        return (await self._unary(self.trainer_stub.DeleteModel, request, timeout)).model
+
+    async def export_model(
+        self, model: Any, out_dir: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> common_pb2.Model:
+        """Like `DreamBoothClient.export_model` (files are written from the event loop's thread)."""
+        request = inference_pb2.ExportModelRequest(name=messages.model_name(model))
+        backoff = Backoff(self.retry)
+        while True:
+            writer = ExportWriter(Path(out_dir))
+            call = self.inference_stub.ExportModel(request, timeout=timeout, metadata=self._metadata)
+            received = False
+            try:
+                async for response in call:
+                    received = True
+                    writer.add(response)
+                return writer.finish()
+            except grpc.RpcError as err:
+                writer.abort()
+                delay = backoff.next_delay() if not received and is_retryable(err) else None
+                if delay is None:
+                    raise error_from_rpc(err) from err
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)

@@ -2,9 +2,10 @@
 
     dreambooth upload photos/
     dreambooth train --base-model tiny-sd --dataset photos/ --instance-prompt "a photo of sks dog" --wait
-    dreambooth jobs list | get JOB | cancel JOB | watch JOB
+    dreambooth jobs list | get JOB | cancel JOB | watch JOB | delete JOB
     dreambooth generate --model MODEL --prompt "a photo of sks dog on the moon" --n 4 --out out/
-    dreambooth models list | get MODEL
+    dreambooth models list | get MODEL | delete MODEL | export MODEL --out DIR
+    dreambooth datasets delete DATASET
     dreambooth usage
 
 Addresses come from --trainer/--inference or DREAMBOOTH_TRAINER_ADDRESS /
@@ -23,7 +24,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
-from dreambooth.v1 import inference_pb2, trainer_pb2
+from dreambooth.v1 import common_pb2, inference_pb2, trainer_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -44,6 +45,7 @@ FORMATS = vocabulary.IMAGE_FORMAT_NAMES
 STATES = messages.enum_choices(trainer_pb2.TrainingJobState, "TRAINING_JOB_STATE_")
 SEED_RANGE = f"{vocabulary.MIN_SEED}..{vocabulary.MAX_SEED}"
 GUIDANCE_RANGE = f"{vocabulary.MIN_GUIDANCE:g}..{vocabulary.MAX_GUIDANCE:g}"
+ADAPTER_SCALE_RANGE = f"{vocabulary.MIN_ADAPTER_SCALE:g}..{vocabulary.MAX_ADAPTER_SCALE:g}"
 
 
 class UsageError(Exception):
@@ -62,6 +64,13 @@ def guidance_value(text: str) -> float:
     value = float(text)
     if not vocabulary.is_valid_guidance(value):
         raise argparse.ArgumentTypeError(f"must be in {GUIDANCE_RANGE}, got {value}")
+    return value
+
+
+def adapter_scale_value(text: str) -> float:
+    value = float(text)
+    if not vocabulary.is_valid_adapter_scale(value):
+        raise argparse.ArgumentTypeError(f"must be in {ADAPTER_SCALE_RANGE}, got {value}")
     return value
 
 
@@ -243,6 +252,12 @@ def cmd_jobs_cancel(client: DreamBoothClient, args: argparse.Namespace, output: 
     return 0
 
 
+def cmd_jobs_delete(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    job = client.delete_training_job(args.job)
+    output.message(job, lambda: [f"deleted {job.name}"])
+    return 0
+
+
 def cmd_jobs_watch(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
     return follow(client, messages.job_name(args.job), args.after, output, previews=args.previews)
 
@@ -270,6 +285,7 @@ def cmd_generate(client: DreamBoothClient, args: argparse.Namespace, output: Out
         seed=args.seed,
         output_format=args.format,
         truncate_prompt=args.truncate_prompt,
+        adapter_scale=args.adapter_scale,
         on_progress=on_progress,
         timeout=args.generate_timeout,
     )
@@ -310,6 +326,29 @@ def cmd_models_list(client: DreamBoothClient, args: argparse.Namespace, output: 
 def cmd_models_get(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
     model = client.get_model(args.model)
     output.message(model, lambda: formatting.model_details(model))
+    return 0
+
+
+def cmd_models_delete(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    model = client.delete_model(args.model)
+    output.message(model, lambda: [f"deleted {model.name}"])
+    return 0
+
+
+def cmd_models_export(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    out_dir = Path(args.out)
+    model = client.export_model(args.model, out_dir)
+    load = "pipe.load_lora_weights" if model.kind == common_pb2.MODEL_KIND_LORA else "from_pretrained"
+    output.note(
+        f"exported {model.name} ({formatting.size(model.size_bytes)}), sha256 verified; load with {load}"
+    )
+    output.message(model, lambda: [str(out_dir)])
+    return 0
+
+
+def cmd_datasets_delete(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    dataset = client.delete_dataset(args.dataset)
+    output.message(dataset, lambda: [f"deleted {dataset.name}"])
     return 0
 
 
@@ -371,6 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("get", cmd_jobs_get, "show one job"),
         ("cancel", cmd_jobs_cancel, "cancel a job"),
         ("watch", cmd_jobs_watch, "print a job's events until it ends"),
+        ("delete", cmd_jobs_delete, "delete a job and what it stored but its model (cancels it first)"),
     ):
         sub = job_commands.add_parser(action, help=text)
         sub.add_argument("job", help="job id or trainingJobs/ID")
@@ -399,6 +439,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--height", type=positive_int, default=0)
     gen.add_argument("--format", choices=FORMATS, help=f"(default {vocabulary.DEFAULT_IMAGE_FORMAT})")
     gen.add_argument("--truncate-prompt", action="store_true", help="cut prompts over 77 tokens")
+    gen.add_argument(
+        "--adapter-scale",
+        type=adapter_scale_value,
+        default=None,
+        help=f"LoRA models only: adapter strength, {ADAPTER_SCALE_RANGE} (default 1)",
+    )
     gen.add_argument("--generate-timeout", type=float, default=None, help="seconds for the whole call")
     gen.add_argument("--out", required=True, metavar="DIR", help="where to write the images")
     gen.set_defaults(handler=cmd_generate)
@@ -409,6 +455,21 @@ def build_parser() -> argparse.ArgumentParser:
     models_get = model_commands.add_parser("get", help="show one model")
     models_get.add_argument("model", help="model id or models/ID")
     models_get.set_defaults(handler=cmd_models_get)
+    models_delete = model_commands.add_parser("delete", help="delete a model")
+    models_delete.add_argument("model", help="model id or models/ID")
+    models_delete.set_defaults(handler=cmd_models_delete)
+    models_export = model_commands.add_parser(
+        "export", help="download a model for stock diffusers (a folder, or a LoRA's weights)"
+    )
+    models_export.add_argument("model", help="model id or models/ID")
+    models_export.add_argument("--out", required=True, metavar="DIR", help="a new or empty folder")
+    models_export.set_defaults(handler=cmd_models_export)
+
+    datasets = commands.add_parser("datasets", help="manage uploaded datasets")
+    dataset_commands = datasets.add_subparsers(dest="datasets_command", required=True, metavar="ACTION")
+    datasets_delete = dataset_commands.add_parser("delete", help="delete a dataset")
+    datasets_delete.add_argument("dataset", help="datasets/SHA256 (or the bare sha256)")
+    datasets_delete.set_defaults(handler=cmd_datasets_delete)
 
     commands.add_parser("usage", help="this key's usage and quotas").set_defaults(handler=cmd_usage)
     return parser

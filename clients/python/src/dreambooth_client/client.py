@@ -18,6 +18,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -36,6 +37,7 @@ from dreambooth_client.channels import (
     sync_channel,
 )
 from dreambooth_client.errors import JobFailedError, error_from_code, error_from_rpc
+from dreambooth_client.export import ExportWriter
 from dreambooth_client.messages import GeneratedImage, ImageInput
 from dreambooth_client.retry import Backoff, RetryPolicy, is_retryable
 from dreambooth_client.streams import (
@@ -169,6 +171,11 @@ class DreamBoothClient:
         )
         return response.dataset
 
+    def delete_dataset(self, dataset: Any, *, timeout: float | None = None) -> trainer_pb2.Dataset:
+        """Delete a dataset (refused while an unfinished job uses it); returns it as it was."""
+        request = trainer_pb2.DeleteDatasetRequest(name=messages.dataset_name(dataset))
+        return self._unary(self.trainer_stub.DeleteDataset, request, timeout).dataset
+
     # ------------------------------------------------------------ training jobs
 
     def create_training_job(
@@ -212,6 +219,11 @@ class DreamBoothClient:
         """Cancel a job (a finished job comes back unchanged); safe to retry."""
         request = trainer_pb2.CancelTrainingJobRequest(name=messages.job_name(job))
         return self._unary(self.trainer_stub.CancelTrainingJob, request, timeout).training_job
+
+    def delete_training_job(self, job: Any, *, timeout: float | None = None) -> trainer_pb2.TrainingJob:
+        """Delete a job and everything it stored but its model (a running job is cancelled first)."""
+        request = trainer_pb2.DeleteTrainingJobRequest(name=messages.job_name(job))
+        return self._unary(self.trainer_stub.DeleteTrainingJob, request, timeout).training_job
 
     def watch(
         self, job: Any, after_sequence: int = 0, *, timeout: float | None = None
@@ -302,6 +314,7 @@ class DreamBoothClient:
         preview_interval: int = 0,
         output_format: Any = None,
         truncate_prompt: bool = False,
+        adapter_scale: float | None = None,
         on_progress: ProgressCallback | None = None,
         on_preview: PreviewCallback | None = None,
         timeout: float | None = None,
@@ -309,7 +322,8 @@ class DreamBoothClient:
         """Sample images; returns (bytes, seed) pairs in request order.
 
         Zero values take the server's defaults; `scheduler` and `output_format` take names
-        ("euler", "jpeg"). `on_progress(step, total)` runs for every denoising step and
+        ("euler", "jpeg"); `adapter_scale` (LoRA models only, 0..2) sets the adapter's strength
+        (None: full strength). `on_progress(step, total)` runs for every denoising step and
         `on_preview(step, index, jpeg)` for every preview (set `preview_interval`). Retried on
         UNAVAILABLE only before the first response (sampling is side-effect free); an exception
         from a callback cancels the RPC and the server stops sampling.
@@ -328,6 +342,7 @@ class DreamBoothClient:
             preview_interval=preview_interval,
             output_format=output_format,
             truncate_prompt=truncate_prompt,
+            adapter_scale=adapter_scale,
         )
         backoff = Backoff(self.retry)
         while True:
@@ -365,3 +380,47 @@ class DreamBoothClient:
     def get_usage(self, *, timeout: float | None = None) -> trainer_pb2.GetUsageResponse:
         """This key's tenant: training step-seconds, images generated, bytes stored, quotas."""
         return self._unary(self.trainer_stub.GetUsage, trainer_pb2.GetUsageRequest(), timeout)
+
+    # ------------------------------------------------------------ deletes and export
+
+    def delete_model(self, model: Any, *, timeout: float | None = None) -> common_pb2.Model:
+        """Delete a model (through the trainer, which knows the jobs using it); returns it as it was.
+
+        Refused (FailedPreconditionError) while an unfinished job trains on it or publishes it, or
+        while a LoRA model needs it as its base.
+        """
+        request = trainer_pb2.DeleteModelRequest(name=messages.model_name(model))
+        return self._unary(self.trainer_stub.DeleteModel, request, timeout).model
+
+    def export_model(
+        self, model: Any, out_dir: str | os.PathLike[str], *, timeout: float | None = None
+    ) -> common_pb2.Model:
+        """Download a model into `out_dir` (missing or empty), every file checked against its sha256.
+
+        A base or full fine-tune becomes a diffusers folder for
+        `StableDiffusionPipeline.from_pretrained(out_dir)`; a LoRA model becomes
+        `pytorch_lora_weights.safetensors` for `pipe.load_lora_weights(out_dir)` on its base.
+        The folder appears only once complete. Retried on UNAVAILABLE before the first response.
+        """
+        request = inference_pb2.ExportModelRequest(name=messages.model_name(model))
+        backoff = Backoff(self.retry)
+        while True:
+            writer = ExportWriter(Path(out_dir))
+            call = self.inference_stub.ExportModel(request, timeout=timeout, metadata=self._metadata)
+            received = False
+            try:
+                for response in call:
+                    received = True
+                    writer.add(response)
+                return writer.finish()
+            except grpc.RpcError as err:
+                writer.abort()
+                delay = backoff.next_delay() if not received and is_retryable(err) else None
+                if delay is None:
+                    raise error_from_rpc(err) from err
+            except BaseException:
+                writer.abort()
+                raise
+            finally:
+                call.cancel()
+            time.sleep(delay)

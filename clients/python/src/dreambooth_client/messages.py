@@ -295,8 +295,11 @@ def build_generate_request(
     preview_interval: int = 0,
     output_format: Any = None,
     truncate_prompt: bool = False,
+    adapter_scale: float | None = None,
 ) -> inference_pb2.GenerateRequest:
-    """Zero values mean "the server's default" (see inference.proto); `seed=None` means random."""
+    """Zero values mean "the server's default" (see inference.proto); `seed=None` means random;
+    `adapter_scale=None` leaves a LoRA model's adapter at full strength (and is the only value
+    other models take)."""
     request = inference_pb2.GenerateRequest(
         model=model_name(model),
         prompt=prompt,
@@ -313,6 +316,8 @@ def build_generate_request(
     )
     if seed is not None:
         request.seed = seed
+    if adapter_scale is not None:
+        request.adapter_scale = adapter_scale
     return request
 
 

@@ -60,6 +60,12 @@ MIN_GUIDANCE = 1.0  # 1 disables classifier-free guidance
 MAX_GUIDANCE = 30.0
 DEFAULT_GUIDANCE = 7.5
 
+# ---------------------------------------------------------------- LoRA adapter scale
+
+MIN_ADAPTER_SCALE = 0.0  # the base alone
+MAX_ADAPTER_SCALE = 2.0
+DEFAULT_ADAPTER_SCALE = 1.0  # the adapter as trained
+
 # ---------------------------------------------------------------- seeds
 
 MIN_SEED = 0
@@ -117,3 +123,7 @@ def image_seed(seed: int, index: int) -> int:
 
 def is_valid_guidance(scale: float) -> bool:
     return math.isfinite(scale) and MIN_GUIDANCE <= scale <= MAX_GUIDANCE
+
+
+def is_valid_adapter_scale(scale: float) -> bool:
+    return math.isfinite(scale) and MIN_ADAPTER_SCALE <= scale <= MAX_ADAPTER_SCALE

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from dreambooth.v1 import common_pb2 as dreambooth_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64reambooth/v1/inference.proto\x12\rdreambooth.v1\x1a\x1a\x64reambooth/v1/common.proto\"\xd2\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x08 \x01(\x02\x12+\n\tscheduler\x18\t \x01(\x0e\x32\x18.dreambooth.v1.Scheduler\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10preview_interval\x18\x0b \x01(\x05\x12\x31\n\routput_format\x18\x0c \x01(\x0e\x32\x1a.dreambooth.v1.ImageFormat\x12\x17\n\x0ftruncate_prompt\x18\r \x01(\x08\x42\x07\n\x05_seed\"\xb0\x01\n\x10GenerateResponse\x12\x33\n\x08progress\x18\x01 \x01(\x0b\x32\x1f.dreambooth.v1.GenerateProgressH\x00\x12.\n\x07preview\x18\x02 \x01(\x0b\x32\x1b.dreambooth.v1.PreviewImageH\x00\x12.\n\x05image\x18\x03 \x01(\x0b\x32\x1d.dreambooth.v1.GeneratedImageH\x00\x42\x07\n\x05\x65vent\"5\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"P\n\x0cPreviewImage\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12#\n\x05image\x18\x03 \x01(\x0b\x32\x14.dreambooth.v1.Image\"R\n\x0eGeneratedImage\x12\r\n\x05index\x18\x01 \x01(\x05\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x14.dreambooth.v1.Image\x12\x0c\n\x04seed\x18\x03 \x01(\x03\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.dreambooth.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x10GetModelResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.dreambooth.v1.Model2\x81\x02\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.dreambooth.v1.GenerateRequest\x1a\x1f.dreambooth.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .dreambooth.v1.ListModelsRequest\x1a!.dreambooth.v1.ListModelsResponse\x12K\n\x08GetModel\x12\x1e.dreambooth.v1.GetModelRequest\x1a\x1f.dreambooth.v1.GetModelResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x64reambooth/v1/inference.proto\x12\rdreambooth.v1\x1a\x1a\x64reambooth/v1/common.proto\"\x80\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x03 \x01(\t\x12\x12\n\nnum_images\x18\x04 \x01(\x05\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\r\n\x05steps\x18\x07 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x08 \x01(\x02\x12+\n\tscheduler\x18\t \x01(\x0e\x32\x18.dreambooth.v1.Scheduler\x12\x11\n\x04seed\x18\n \x01(\x03H\x00\x88\x01\x01\x12\x18\n\x10preview_interval\x18\x0b \x01(\x05\x12\x31\n\routput_format\x18\x0c \x01(\x0e\x32\x1a.dreambooth.v1.ImageFormat\x12\x17\n\x0ftruncate_prompt\x18\r \x01(\x08\x12\x1a\n\radapter_scale\x18\x0e \x01(\x02H\x01\x88\x01\x01\x42\x07\n\x05_seedB\x10\n\x0e_adapter_scale\"\xb0\x01\n\x10GenerateResponse\x12\x33\n\x08progress\x18\x01 \x01(\x0b\x32\x1f.dreambooth.v1.GenerateProgressH\x00\x12.\n\x07preview\x18\x02 \x01(\x0b\x32\x1b.dreambooth.v1.PreviewImageH\x00\x12.\n\x05image\x18\x03 \x01(\x0b\x32\x1d.dreambooth.v1.GeneratedImageH\x00\x42\x07\n\x05\x65vent\"5\n\x10GenerateProgress\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\x13\n\x0btotal_steps\x18\x02 \x01(\x05\"P\n\x0cPreviewImage\x12\x0c\n\x04step\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12#\n\x05image\x18\x03 \x01(\x0b\x32\x14.dreambooth.v1.Image\"R\n\x0eGeneratedImage\x12\r\n\x05index\x18\x01 \x01(\x05\x12#\n\x05image\x18\x02 \x01(\x0b\x32\x14.dreambooth.v1.Image\x12\x0c\n\x04seed\x18\x03 \x01(\x03\":\n\x11ListModelsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"S\n\x12ListModelsResponse\x12$\n\x06models\x18\x01 \x03(\x0b\x32\x14.dreambooth.v1.Model\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"7\n\x10GetModelResponse\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.dreambooth.v1.Model\"\"\n\x12\x45xportModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x8c\x01\n\x13\x45xportModelResponse\x12\x31\n\x08manifest\x18\x01 \x01(\x0b\x32\x1d.dreambooth.v1.ExportManifestH\x00\x12)\n\x04\x66ile\x18\x02 \x01(\x0b\x32\x19.dreambooth.v1.ExportFileH\x00\x12\x0f\n\x05\x63hunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"_\n\x0e\x45xportManifest\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.dreambooth.v1.Model\x12(\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x19.dreambooth.v1.ExportFile\">\n\nExportFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x32\xd9\x02\n\x10InferenceService\x12M\n\x08Generate\x12\x1e.dreambooth.v1.GenerateRequest\x1a\x1f.dreambooth.v1.GenerateResponse0\x01\x12Q\n\nListModels\x12 .dreambooth.v1.ListModelsRequest\x1a!.dreambooth.v1.ListModelsResponse\x12K\n\x08GetModel\x12\x1e.dreambooth.v1.GetModelRequest\x1a\x1f.dreambooth.v1.GetModelResponse\x12V\n\x0b\x45xportModel\x12!.dreambooth.v1.ExportModelRequest\x1a\".dreambooth.v1.ExportModelResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,23 +33,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'dreambooth.v1.inference_pb2
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_GENERATEREQUEST']._serialized_start=77
-  _globals['_GENERATEREQUEST']._serialized_end=415
-  _globals['_GENERATERESPONSE']._serialized_start=418
-  _globals['_GENERATERESPONSE']._serialized_end=594
-  _globals['_GENERATEPROGRESS']._serialized_start=596
-  _globals['_GENERATEPROGRESS']._serialized_end=649
-  _globals['_PREVIEWIMAGE']._serialized_start=651
-  _globals['_PREVIEWIMAGE']._serialized_end=731
-  _globals['_GENERATEDIMAGE']._serialized_start=733
-  _globals['_GENERATEDIMAGE']._serialized_end=815
-  _globals['_LISTMODELSREQUEST']._serialized_start=817
-  _globals['_LISTMODELSREQUEST']._serialized_end=875
-  _globals['_LISTMODELSRESPONSE']._serialized_start=877
-  _globals['_LISTMODELSRESPONSE']._serialized_end=960
-  _globals['_GETMODELREQUEST']._serialized_start=962
-  _globals['_GETMODELREQUEST']._serialized_end=993
-  _globals['_GETMODELRESPONSE']._serialized_start=995
-  _globals['_GETMODELRESPONSE']._serialized_end=1050
-  _globals['_INFERENCESERVICE']._serialized_start=1053
-  _globals['_INFERENCESERVICE']._serialized_end=1310
+  _globals['_GENERATEREQUEST']._serialized_end=461
+  _globals['_GENERATERESPONSE']._serialized_start=464
+  _globals['_GENERATERESPONSE']._serialized_end=640
+  _globals['_GENERATEPROGRESS']._serialized_start=642
+  _globals['_GENERATEPROGRESS']._serialized_end=695
+  _globals['_PREVIEWIMAGE']._serialized_start=697
+  _globals['_PREVIEWIMAGE']._serialized_end=777
+  _globals['_GENERATEDIMAGE']._serialized_start=779
+  _globals['_GENERATEDIMAGE']._serialized_end=861
+  _globals['_LISTMODELSREQUEST']._serialized_start=863
+  _globals['_LISTMODELSREQUEST']._serialized_end=921
+  _globals['_LISTMODELSRESPONSE']._serialized_start=923
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1006
+  _globals['_GETMODELREQUEST']._serialized_start=1008
+  _globals['_GETMODELREQUEST']._serialized_end=1039
+  _globals['_GETMODELRESPONSE']._serialized_start=1041
+  _globals['_GETMODELRESPONSE']._serialized_end=1096
+  _globals['_EXPORTMODELREQUEST']._serialized_start=1098
+  _globals['_EXPORTMODELREQUEST']._serialized_end=1132
+  _globals['_EXPORTMODELRESPONSE']._serialized_start=1135
+  _globals['_EXPORTMODELRESPONSE']._serialized_end=1275
+  _globals['_EXPORTMANIFEST']._serialized_start=1277
+  _globals['_EXPORTMANIFEST']._serialized_end=1372
+  _globals['_EXPORTFILE']._serialized_start=1374
+  _globals['_EXPORTFILE']._serialized_end=1436
+  _globals['_INFERENCESERVICE']._serialized_start=1439
+  _globals['_INFERENCESERVICE']._serialized_end=1784
 # @@protoc_insertion_point(module_scope)

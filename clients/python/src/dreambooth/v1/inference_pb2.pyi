@@ -8,7 +8,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "num_images", "width", "height", "steps", "guidance_scale", "scheduler", "seed", "preview_interval", "output_format", "truncate_prompt")
+    __slots__ = ("model", "prompt", "negative_prompt", "num_images", "width", "height", "steps", "guidance_scale", "scheduler", "seed", "preview_interval", "output_format", "truncate_prompt", "adapter_scale")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -22,6 +22,7 @@ class GenerateRequest(_message.Message):
     PREVIEW_INTERVAL_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     TRUNCATE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ADAPTER_SCALE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -35,7 +36,8 @@ class GenerateRequest(_message.Message):
     preview_interval: int
     output_format: _common_pb2.ImageFormat
     truncate_prompt: bool
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[_common_pb2.Scheduler, str]] = ..., seed: _Optional[int] = ..., preview_interval: _Optional[int] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., truncate_prompt: _Optional[bool] = ...) -> None: ...
+    adapter_scale: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., num_images: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., scheduler: _Optional[_Union[_common_pb2.Scheduler, str]] = ..., seed: _Optional[int] = ..., preview_interval: _Optional[int] = ..., output_format: _Optional[_Union[_common_pb2.ImageFormat, str]] = ..., truncate_prompt: _Optional[bool] = ..., adapter_scale: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("progress", "preview", "image")
@@ -102,3 +104,37 @@ class GetModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.Model
     def __init__(self, model: _Optional[_Union[_common_pb2.Model, _Mapping]] = ...) -> None: ...
+
+class ExportModelRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class ExportModelResponse(_message.Message):
+    __slots__ = ("manifest", "file", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: ExportManifest
+    file: ExportFile
+    chunk: bytes
+    def __init__(self, manifest: _Optional[_Union[ExportManifest, _Mapping]] = ..., file: _Optional[_Union[ExportFile, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class ExportManifest(_message.Message):
+    __slots__ = ("model", "files")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    model: _common_pb2.Model
+    files: _containers.RepeatedCompositeFieldContainer[ExportFile]
+    def __init__(self, model: _Optional[_Union[_common_pb2.Model, _Mapping]] = ..., files: _Optional[_Iterable[_Union[ExportFile, _Mapping]]] = ...) -> None: ...
+
+class ExportFile(_message.Message):
+    __slots__ = ("path", "sha256", "size_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    size_bytes: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...

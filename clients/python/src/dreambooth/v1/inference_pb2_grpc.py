@@ -50,6 +50,11 @@ class InferenceServiceStub:
                 request_serializer=dreambooth_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
                 response_deserializer=dreambooth_dot_v1_dot_inference__pb2.GetModelResponse.FromString,
                 _registered_method=True)
+        self.ExportModel = channel.unary_stream(
+                '/dreambooth.v1.InferenceService/ExportModel',
+                request_serializer=dreambooth_dot_v1_dot_inference__pb2.ExportModelRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_inference__pb2.ExportModelResponse.FromString,
+                _registered_method=True)
 
 
 class InferenceServiceServicer:
@@ -78,6 +83,16 @@ class InferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExportModel(self, request, context):
+        """Streams a model's files for use outside the service: first the list of files with their
+        sha256 digests, then each file (a header, then its bytes in chunks of at most 1 MiB). A
+        base or fully fine-tuned model is a diffusers folder (`StableDiffusionPipeline.from_pretrained`);
+        a LoRA model is `pytorch_lora_weights.safetensors` (`pipe.load_lora_weights` on its base).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InferenceServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +110,11 @@ def add_InferenceServiceServicer_to_server(servicer, server):
                     servicer.GetModel,
                     request_deserializer=dreambooth_dot_v1_dot_inference__pb2.GetModelRequest.FromString,
                     response_serializer=dreambooth_dot_v1_dot_inference__pb2.GetModelResponse.SerializeToString,
+            ),
+            'ExportModel': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportModel,
+                    request_deserializer=dreambooth_dot_v1_dot_inference__pb2.ExportModelRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_inference__pb2.ExportModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +199,33 @@ class InferenceService:
             '/dreambooth.v1.InferenceService/GetModel',
             dreambooth_dot_v1_dot_inference__pb2.GetModelRequest.SerializeToString,
             dreambooth_dot_v1_dot_inference__pb2.GetModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dreambooth.v1.InferenceService/ExportModel',
+            dreambooth_dot_v1_dot_inference__pb2.ExportModelRequest.SerializeToString,
+            dreambooth_dot_v1_dot_inference__pb2.ExportModelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -71,6 +71,21 @@ class TrainerServiceStub:
                 request_serializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageRequest.SerializeToString,
                 response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageResponse.FromString,
                 _registered_method=True)
+        self.DeleteTrainingJob = channel.unary_unary(
+                '/dreambooth.v1.TrainerService/DeleteTrainingJob',
+                request_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteTrainingJobRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteTrainingJobResponse.FromString,
+                _registered_method=True)
+        self.DeleteDataset = channel.unary_unary(
+                '/dreambooth.v1.TrainerService/DeleteDataset',
+                request_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.FromString,
+                _registered_method=True)
+        self.DeleteModel = channel.unary_unary(
+                '/dreambooth.v1.TrainerService/DeleteModel',
+                request_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -128,6 +143,30 @@ class TrainerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTrainingJob(self, request, context):
+        """Deletes a job: its record, events, previews and checkpoints (a running job is cancelled
+        first). The model it published stays.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDataset(self, request, context):
+        """Deletes a dataset; refused (FAILED_PRECONDITION) while an unfinished job uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteModel(self, request, context):
+        """Deletes a model; refused (FAILED_PRECONDITION) while an unfinished job trains on it or
+        publishes it, or while a LoRA model needs it as its base. Its weight files are removed by
+        the store's garbage collector once no other model shares them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TrainerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +204,21 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.GetUsage,
                     request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageRequest.FromString,
                     response_serializer=dreambooth_dot_v1_dot_trainer__pb2.GetUsageResponse.SerializeToString,
+            ),
+            'DeleteTrainingJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTrainingJob,
+                    request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteTrainingJobRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteTrainingJobResponse.SerializeToString,
+            ),
+            'DeleteDataset': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDataset,
+                    request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.SerializeToString,
+            ),
+            'DeleteModel': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteModel,
+                    request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -358,6 +412,87 @@ class TrainerService:
             '/dreambooth.v1.TrainerService/GetUsage',
             dreambooth_dot_v1_dot_trainer__pb2.GetUsageRequest.SerializeToString,
             dreambooth_dot_v1_dot_trainer__pb2.GetUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTrainingJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dreambooth.v1.TrainerService/DeleteTrainingJob',
+            dreambooth_dot_v1_dot_trainer__pb2.DeleteTrainingJobRequest.SerializeToString,
+            dreambooth_dot_v1_dot_trainer__pb2.DeleteTrainingJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDataset(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dreambooth.v1.TrainerService/DeleteDataset',
+            dreambooth_dot_v1_dot_trainer__pb2.DeleteDatasetRequest.SerializeToString,
+            dreambooth_dot_v1_dot_trainer__pb2.DeleteDatasetResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteModel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/dreambooth.v1.TrainerService/DeleteModel',
+            dreambooth_dot_v1_dot_trainer__pb2.DeleteModelRequest.SerializeToString,
+            dreambooth_dot_v1_dot_trainer__pb2.DeleteModelResponse.FromString,
             options,
             channel_credentials,
             insecure,
