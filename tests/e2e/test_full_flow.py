@@ -8,6 +8,7 @@ from __future__ import annotations
 import io
 
 import grpc
+import pytest
 from dreambooth.v1 import common_pb2, inference_pb2, inference_pb2_grpc, trainer_pb2
 from PIL import Image
 
@@ -19,6 +20,7 @@ from toyworld import subject
 S = trainer_pb2
 
 
+@pytest.mark.timeout(600)  # a cold Ray start, priors and 2 DDP workers on the toy-world base
 def test_upload_train_with_priors_then_generate(
     trainer_server: RunningTrainer, inference_server, model_store: ModelStore
 ) -> None:
