@@ -37,7 +37,9 @@ class UpThread:
 
     def __init__(self, data_dir: Path, *extra: str) -> None:
         self.buffer = io.StringIO()
-        args = up.parse_args(["--data-dir", str(data_dir), "--start-timeout", "60", *extra])
+        # The store holds tiny-sd (see data_dir); a later --base-model-id in `extra` wins.
+        argv = ["--data-dir", str(data_dir), "--start-timeout", "60", "--base-model-id", "tiny-sd", *extra]
+        args = up.parse_args(argv)
         self.up = up.Up(args, up.LogStream(self.buffer), argv=fake_argv)
         self.status: int | None = None
         self.thread = threading.Thread(target=self._run, daemon=True)
