@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+
+from PIL import Image
 
 from demo import journey, services, subject
 from services.launcher.plan import SERVICES
 
 
-def test_subject_photos_are_deterministic_and_vary() -> None:
-    first = subject.subject_photo(0)
-    assert first.size == (128, 128) and first.mode == "RGB"
-    assert first.tobytes() == subject.subject_photo(0).tobytes()
-    assert len({subject.subject_photo(i).tobytes() for i in range(6)}) == 6
+def test_subject_photos_are_the_held_out_subjects_photos(tmp_path: Path) -> None:
+    paths = subject.write_subject_photos(tmp_path / "subject", 10)
+    assert len(paths) == subject.SUBJECT.photo_count  # never more than the subject has
+    for path, photo in zip(paths, subject.SUBJECT.photos(), strict=True):
+        assert path.read_bytes() == _png(photo)
+
+
+def _png(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def test_write_subject_photos(tmp_path: Path) -> None:
