@@ -9,8 +9,9 @@ loop and prior-generation core (toybench.dreambooth), then sampled on ToyBench's
 (toybench.evaluation: 5 recontextualisations, 5 property changes, the class prompt, the other
 classes), `--images-per-prompt` images each. Rows: the real photos (upper bound), the base model
 (lower bound: it has never seen the subject), then one row per recipe. Each figure is the mean
-over subjects x seeds; `spread` is their standard deviation. `--quick` (one subject, one image
-per prompt: the same keys, a smoke run, not figures to quote) is run by `make test`.
+over subjects x seeds; `spread` is their standard deviation. `--quick` (one subject, the three
+recipes the summary needs, 30 steps, 8 class priors, one image per prompt: the same keys, a smoke
+run, not figures to quote) is run by `make test`.
 
 The last line is one JSON object: subject_fidelity_ratio (DreamBooth with priors / real photos),
 prompt_fidelity (background accuracy of the recontextualised prompts), class_accuracy_drop and
@@ -21,6 +22,7 @@ other_class_accuracy_drop (base minus after, with priors), prior_beats_no_prior,
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -30,7 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toybench.dreambooth import BASE_MODEL_ID, Workbench
+from toybench.dreambooth import BASE_MODEL_ID, Recipe, Workbench
 from toybench.evalnet import embed, load_evalnet
 from toybench.evaluation import score_model, score_real_photos
 from toybench.recipes import DREAMBOOTH, LORA, NO_PRIOR, RECIPES
@@ -38,6 +40,9 @@ from toyworld import HELD_OUT_SUBJECTS, subject
 
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / "models" / "toy-world-base"
 QUICK_SUBJECTS = ("striped-ball",)
+QUICK_STEPS = 30
+QUICK_CLASS_PRIORS = 8
+SUMMARY_RECIPES = (DREAMBOOTH, NO_PRIOR, LORA)  # the rows the JSON summary compares
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,19 +55,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-images", type=int, default=16, help="images of the class prompt")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", type=Path, help="keep the store (models, priors) here")
-    parser.add_argument("--quick", action="store_true", help="one subject, 1 image per prompt: a smoke run")
+    parser.add_argument("--steps", type=int, help="train every recipe this many steps (default: its own)")
+    parser.add_argument("--class-priors", type=int, help="class-prior images per job (default: the recipe's)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run (same keys; not figures to quote)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
         args.subjects = args.subjects or ",".join(QUICK_SUBJECTS)
         args.images_per_prompt, args.class_images = 1, 4
+        args.recipes = args.recipes or ",".join(recipe.name for recipe in SUMMARY_RECIPES)
+        args.steps, args.class_priors = args.steps or QUICK_STEPS, args.class_priors or QUICK_CLASS_PRIORS
     subjects = (
         [subject(name) for name in args.subjects.split(",")] if args.subjects else list(HELD_OUT_SUBJECTS)
     )
-    recipes = [RECIPES[name] for name in args.recipes.split(",")] if args.recipes else list(RECIPES.values())
-    for needed in (DREAMBOOTH, NO_PRIOR, LORA):
-        if needed not in recipes:
+    names = args.recipes.split(",") if args.recipes else list(RECIPES)
+    for name in names:
+        if name not in RECIPES:
+            parser.error(f"unknown recipe {name!r} (known: {', '.join(RECIPES)})")
+    for needed in SUMMARY_RECIPES:
+        if needed.name not in names:
             parser.error(f"the summary needs the recipe {needed.name!r}")
+    for name, value in (("--steps", args.steps), ("--class-priors", args.class_priors)):
+        if value is not None and value < 1:
+            parser.error(f"{name} must be at least 1")
+    recipes = [_adjusted(RECIPES[name], args.steps, args.class_priors) for name in names]
 
     started = time.perf_counter()
     work = args.work or Path(tempfile.mkdtemp(prefix="toybench-"))
@@ -127,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         "subjects": [held_out.name for held_out in subjects],
         "train_seeds": args.train_seeds,
         "images_per_prompt": args.images_per_prompt,
+        "steps": {recipe.name: recipe.steps for recipe in recipes},
+        "class_priors": {recipe.name: recipe.num_class_images for recipe in recipes},
         "rows": {name: {key: round(value, 4) for key, value in row.items()} for name, row in rows.items()},
         "spread": {
             name: {key: round(value, 4) for key, value in row.items()} for name, row in spreads.items()
@@ -146,6 +164,15 @@ COLUMNS = (
     ("class_diversity", "class diversity"),
     ("other_class_accuracy", "other classes"),
 )
+
+
+def _adjusted(recipe: Recipe, steps: int | None, class_priors: int | None) -> Recipe:
+    """The recipe with the run's overrides (the row keeps its name: the override is in the JSON)."""
+    return dataclasses.replace(
+        recipe,
+        steps=steps or recipe.steps,
+        num_class_images=class_priors or recipe.num_class_images,
+    )
 
 
 def _mean(cells: list[dict[str, float]]) -> dict[str, float]:
