@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -218,7 +218,7 @@ class TrainerCore:
     def event_log(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> JobEventLog:
         return self.events.get(self.get_job(name, tenant))
 
-    def training_logs(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> Iterator[LogsPart]:
+    def training_logs(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> Generator[LogsPart, None, None]:
         """The job's TensorBoard files as stream parts (see training_logs.py); NotFound at once."""
         job = self.get_job(name, tenant)
         return log_parts(scoped_store(self.store, job.tenant), job)

@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Generator
 from pathlib import Path
 
 from services.common.errors import FailedPrecondition
@@ -53,7 +53,9 @@ class Chunk:
 LogsPart = LogsPlan | FileStart | Chunk
 
 
-def log_parts(store: ObjectStore, job: Job, chunk_bytes: int = CHUNK_BYTES) -> Iterator[LogsPart]:
+def log_parts(
+    store: ObjectStore, job: Job, chunk_bytes: int = CHUNK_BYTES
+) -> Generator[LogsPart, None, None]:
     """The parts of one download, lazily (blocking I/O: iterate it off the event loop). `store`
     is the job's tenant's view. FailedPrecondition, before any part, while the job has no logs."""
     prefix = tensorboard_prefix(job.job_id)

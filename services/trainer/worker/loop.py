@@ -146,7 +146,7 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         if spec.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            grad_norm: torch.Tensor | None = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         else:
             grad_norm = gradient_norm(params) if runtime.is_chief else None
         learning_rate = optimizer.param_groups[0]["lr"]  # the UNet's rate this step used

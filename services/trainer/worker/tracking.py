@@ -112,6 +112,7 @@ class RankZeroTracker(Tracker):
         self._writer = SummaryWriter(
             str(self._folder), purge_step=start_step + 1 if start_step else None, flush_secs=FLUSH_SECONDS
         )
+        self._events: Any = self._writer.file_writer  # for summaries torch's writer has no call for
         self._last_loss: float | None = None
         self._closed = False
         hparams = spec_hparams(job)
@@ -125,8 +126,8 @@ class RankZeroTracker(Tracker):
         from torch.utils.tensorboard.summary import hparams as hparams_summaries
 
         experiment, session_start, _ = hparams_summaries(hparams, {FINAL_LOSS: 0.0})
-        self._writer.file_writer.add_summary(experiment)
-        self._writer.file_writer.add_summary(session_start)
+        self._events.add_summary(experiment)
+        self._events.add_summary(session_start)
 
     def step(
         self,
@@ -158,7 +159,7 @@ class RankZeroTracker(Tracker):
             value = Summary.Value(tag=f"{PREVIEW}{index}", image=image)
             value.metadata.summary_description = preview.prompt  # shown on the image's card
             value.metadata.plugin_data.plugin_name = "images"
-            self._writer.file_writer.add_summary(Summary(value=[value]), step)
+            self._events.add_summary(Summary(value=[value]), step)
         self.upload()  # a preview can be the last thing a failed attempt shows
 
     def upload(self) -> None:
@@ -185,7 +186,7 @@ class RankZeroTracker(Tracker):
     def _end(self, tensorboard_status: str | None, mlflow_status: str) -> None:
         self._closed = True
         if tensorboard_status is not None:
-            self._writer.file_writer.add_summary(session_end(tensorboard_status))
+            self._events.add_summary(session_end(tensorboard_status))
         self.upload()
         self._writer.close()
         shutil.rmtree(self._folder, ignore_errors=True)
