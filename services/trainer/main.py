@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import logging
 import os
 from pathlib import Path
@@ -22,6 +23,7 @@ from services.common.auth import Authenticator, open_authenticator
 from services.common.logging_setup import configure_logging
 from services.common.model_store import ModelStore
 from services.common.server import GrpcServerApp
+from services.common.settings import ConfigError
 from services.common.store_factory import open_store
 from services.trainer.api.priors_client import PriorsClient
 from services.trainer.api.servicer import TrainerServicer
@@ -85,6 +87,7 @@ class TrainerServer:
                 storage_path=settings.ray_storage_path or None,
                 max_failures=settings.max_failures,
                 progress_persist_seconds=settings.progress_persist_seconds,
+                tracking=settings.tracking,
             ),
             spec_limits=settings.spec_limits,
             upload_limits=settings.upload_limits,
@@ -129,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.parse_args(argv or [])
     settings = load_settings()
     configure_logging(settings.log_level)
+    if settings.tracking.mlflow_tracking_uri and importlib.util.find_spec("mlflow") is None:
+        raise ConfigError(
+            "DREAMBOOTH_TRAINER_MLFLOW_TRACKING_URI is set but mlflow is not installed: "
+            "pip install 'dreambooth-service[mlflow]' (here and in the Ray workers' image)"
+        )
     auth = open_authenticator("trainer", settings.auth, settings.server)  # before Ray: fail fast
     connect_ray(settings.ray_address or os.environ.get("RAY_ADDRESS") or None)
     try:

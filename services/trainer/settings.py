@@ -50,12 +50,23 @@ class SpecLimits:
 
 
 @dataclasses.dataclass(frozen=True)
+class TrackingSettings:
+    """Where rank 0 logs a run besides the TensorBoard files it always writes to the store
+    (DREAMBOOTH_TRAINER_MLFLOW_*). MLflow is an optional extra: `pip install dreambooth-service[mlflow]`
+    wherever the Ray workers run."""
+
+    mlflow_tracking_uri: str = ""  # "" = no MLflow; e.g. http://mlflow:5000 or file:/data/mlruns
+    mlflow_experiment: str = "dreambooth"  # the experiment every job's run goes into
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainerSettings:
     server: ServerSettings = dataclasses.field(
         default_factory=lambda: ServerSettings(port=50051, metrics_port=9181)
     )
     store: StoreSettings = dataclasses.field(default_factory=StoreSettings)
     auth: AuthSettings = dataclasses.field(default_factory=AuthSettings)
+    tracking: TrackingSettings = dataclasses.field(default_factory=TrackingSettings)
     priorgen_address: str = "127.0.0.1:50052"
     # The trainer's service identity towards priorgen: a key of an internal tenant (secret: set it
     # from a Secret), and/or TLS with a client certificate when priorgen requires mTLS.
@@ -101,6 +112,8 @@ class TrainerSettings:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.tracking.mlflow_tracking_uri and not self.tracking.mlflow_experiment:
+            raise ValueError("mlflow_experiment must not be empty when mlflow_tracking_uri is set")
         if self.max_resolution < 64 or self.max_resolution % 8:
             raise ValueError(f"max_resolution must be a multiple of 8 and >= 64, got {self.max_resolution}")
 

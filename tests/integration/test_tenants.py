@@ -245,6 +245,17 @@ def test_tenants_never_reach_each_others_resources(deployment: Deployment, world
         ),
         missing_job,
     )
+    logs = alpha.trainer.DownloadTrainingJobLogs
+    same_message_as_missing(
+        rpc_error(lambda: alpha.stream(logs, S.DownloadTrainingJobLogsRequest(name=theirs.name))),
+        theirs.name,
+        rpc_error(lambda: alpha.stream(logs, S.DownloadTrainingJobLogsRequest(name=missing_job))),
+        missing_job,
+    )
+    their_logs = beta.stream(
+        beta.trainer.DownloadTrainingJobLogs, S.DownloadTrainingJobLogsRequest(name=theirs.name)
+    )
+    assert their_logs[0].manifest.name == theirs.name and their_logs[0].manifest.files
     assert beta.get(theirs.name).state == S.TRAINING_JOB_STATE_SUCCEEDED
     listed = alpha.call(alpha.trainer.ListTrainingJobs, S.ListTrainingJobsRequest())
     assert [job.name for job in listed.training_jobs] == [world.jobs["alpha"].name]
@@ -317,7 +328,10 @@ def test_the_store_keeps_each_tenant_under_its_own_prefix(deployment: Deployment
         f"tenants/alpha/models/{alpha_model}/manifest.json",
     ):
         assert expected in keys, expected
-    assert any(k.startswith("tenants/alpha/priors/") for k in keys)  # made for alpha by the trainer's key
+    assert any(k.startswith("tenants/alpha/priors/") for k in keys)
+    assert any(
+        k.startswith(f"tenants/alpha/jobs/{alpha_job}/tensorboard/events.out.tfevents.") for k in keys
+    )  # made for alpha by the trainer's key
     assert not any(k.startswith("tenants/svc/") for k in keys)
 
 
@@ -371,7 +385,7 @@ def test_no_key_is_unauthenticated_on_every_rpc_of_every_service(deployment: Dep
         "InferenceService": deployment.inference.address,
     }
     methods = every_method()
-    assert len(methods) == 15  # a new RPC is tried here as soon as it is added
+    assert len(methods) == 16  # a new RPC is tried here as soon as it is added
     for service, full_method, method in methods:
         channel = deployment.channel(addresses[service])
         for metadata, message in (((), "missing credentials"), (bearer("dbk_not_a_key"), "invalid API key")):

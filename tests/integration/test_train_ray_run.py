@@ -9,6 +9,7 @@ import threading
 from pathlib import Path
 
 import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
@@ -26,7 +27,8 @@ from services.trainer.training_events import (
     TrainingFailed,
     TrainingResult,
 )
-from services.trainer.worker import checkpoints
+from services.trainer.training_logs_layout import tensorboard_prefix
+from services.trainer.worker import checkpoints, tracking
 from services.trainer.worker.measure import subject_loss
 from tests.fixtures.models import TINY_MODEL_ID
 from tests.fixtures.trainer_server import make_image, make_png
@@ -83,6 +85,14 @@ def _train(
     return result, events
 
 
+def _download_logs(store: ObjectStore, job_id: str, folder: Path) -> list[str]:
+    names = []
+    for info in store.list(tensorboard_prefix(job_id)):
+        names.append(info.key.removeprefix(tensorboard_prefix(job_id)))
+        store.get_file(info.key, folder / names[-1])
+    return names
+
+
 def _steps(events: list[object]) -> list[int]:
     return [event.step for event in events if isinstance(event, ProgressEvent)]
 
@@ -121,6 +131,19 @@ def test_two_workers_with_priors_survive_a_worker_failure_and_publish_a_loadable
     assert image.size == (64, 64)
     # Published: the job's checkpoints are no longer needed.
     assert checkpoints.newest_step(store, "job-two-workers") is None
+
+    # Training logs: rank 0 alone wrote one event file per attempt, and TensorBoard's reader sees
+    # one curve: the steps the first attempt logged after its checkpoint are replaced, not repeated.
+    files = _download_logs(store, "job-two-workers", tmp_path / "logs")
+    assert len(files) == result.restarts + 1, files
+    logs = EventAccumulator(str(tmp_path / "logs"), size_guidance={"scalars": 0, "images": 0})
+    logs.Reload()
+    losses = logs.Scalars(tracking.LOSS)
+    assert [event.step for event in losses] == list(range(1, 11))
+    assert [e.value for e in losses] == pytest.approx([p.loss for p in progress], rel=1e-5)
+    assert [event.step for event in logs.Scalars(tracking.GRAD_NORM)] == list(range(1, 11))
+    assert [event.step for event in logs.Scalars(tracking.LEARNING_RATE + "unet")] == list(range(1, 11))
+    assert [image.step for image in logs.Images(tracking.PREVIEW + "0")] == [5, 10]
 
 
 @pytest.mark.slow

@@ -141,3 +141,14 @@ def test_unsupported_field_type_is_a_clear_error() -> None:
 
     with pytest.raises(TypeError, match="DREAMBOOTH_MAPPING: unsupported settings type"):
         from_env(Odd, env={"DREAMBOOTH_MAPPING": "a=b"})
+
+
+def test_the_trainers_mlflow_settings_read_its_prefix_and_refuse_an_empty_experiment() -> None:
+    from services.trainer.settings import ENV_PREFIX, TrainerSettings
+
+    env = {f"{ENV_PREFIX}MLFLOW_TRACKING_URI": "http://mlflow:5000", f"{ENV_PREFIX}MLFLOW_EXPERIMENT": "dogs"}
+    tracking = from_env(TrainerSettings, ENV_PREFIX, env=env).tracking
+    assert (tracking.mlflow_tracking_uri, tracking.mlflow_experiment) == ("http://mlflow:5000", "dogs")
+    assert from_env(TrainerSettings, ENV_PREFIX, env={}).tracking.mlflow_tracking_uri == ""
+    with pytest.raises(ValueError, match="mlflow_experiment"):
+        from_env(TrainerSettings, ENV_PREFIX, env={**env, f"{ENV_PREFIX}MLFLOW_EXPERIMENT": ""})

@@ -214,6 +214,7 @@ def test_a_job_runs_to_succeeded_with_progress_and_preview(rig: Rig) -> None:
     assert steps == [1, 2, 3, 4, 5]
     assert [e.kind for e in events].count("preview") == 1
     assert rig.train.calls[0]["prior_prefix"] is None
+    assert rig.train.calls[0]["tracking"] == RunnerSettings().tracking  # rank 0's MLflow settings
     assert rig.priors.calls == []
     sample = rig.metrics.step_duration_seconds.collect()[0].samples
     assert next(s.value for s in sample if s.name.endswith("_count")) == 5

@@ -19,6 +19,7 @@ from services.trainer.job_spec import FIELDS, JobSpec, SpecRequest
 from services.trainer.jobs.core import Usage
 from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
 from services.trainer.jobs.records import Job, JobState, Progress
+from services.trainer.jobs.training_logs import Chunk, FileStart, LogFile, LogsPart, LogsPlan
 
 _STATES = {state: getattr(trainer_pb2, f"TRAINING_JOB_STATE_{state.value}") for state in JobState}
 _STATES_BY_PROTO = {value: state for state, value in _STATES.items()}
@@ -183,3 +184,22 @@ def usage_to_proto(usage: Usage) -> trainer_pb2.GetUsageResponse:
             max_stored_bytes=quotas.max_stored_bytes,
         ),
     )
+
+
+def _log_file_to_proto(log_file: LogFile) -> trainer_pb2.TrainingJobLogFile:
+    return trainer_pb2.TrainingJobLogFile(
+        path=log_file.path, sha256=log_file.sha256, size_bytes=log_file.size
+    )
+
+
+def logs_part_to_proto(part: LogsPart) -> trainer_pb2.DownloadTrainingJobLogsResponse:
+    if isinstance(part, Chunk):
+        return trainer_pb2.DownloadTrainingJobLogsResponse(chunk=part.data)
+    if isinstance(part, FileStart):
+        return trainer_pb2.DownloadTrainingJobLogsResponse(file=_log_file_to_proto(part.file))
+    if isinstance(part, LogsPlan):
+        manifest = trainer_pb2.TrainingJobLogs(
+            name=part.job_name, files=[_log_file_to_proto(f) for f in part.files]
+        )
+        return trainer_pb2.DownloadTrainingJobLogsResponse(manifest=manifest)
+    raise TypeError(f"unknown logs part {part!r}")

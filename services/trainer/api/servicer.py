@@ -88,6 +88,16 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServiceServicer):
         async for event in event_log.watch(request.after_sequence):
             yield convert.event_to_proto(event)
 
+    async def DownloadTrainingJobLogs(
+        self, request: trainer_pb2.DownloadTrainingJobLogsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[trainer_pb2.DownloadTrainingJobLogsResponse]:
+        parts = await asyncio.to_thread(self.core.training_logs, request.name, caller())
+        try:
+            while (part := await asyncio.to_thread(next, parts, None)) is not None:
+                yield convert.logs_part_to_proto(part)
+        finally:
+            await asyncio.to_thread(parts.close)  # removes its copy of the files at once
+
     async def GetUsage(
         self, request: trainer_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
     ) -> trainer_pb2.GetUsageResponse:

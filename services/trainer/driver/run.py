@@ -29,6 +29,7 @@ from services.trainer.driver import cluster as ray_cluster
 from services.trainer.driver.channel import JobChannel, Pump
 from services.trainer.driver.failures import describe_failure
 from services.trainer.job_spec import JobSpec
+from services.trainer.settings import TrackingSettings
 from services.trainer.training_events import (
     TrainingCancelled,
     TrainingEvent,
@@ -55,10 +56,12 @@ def run_training(
     max_failures: int = 1,
     cpus_per_worker: int = 1,
     step_callbacks: Sequence[StepCallback] = (),
+    tracking: TrackingSettings | None = None,
 ) -> TrainingResult:
     """Train `spec` as job `job_id` on the connected Ray (connect_ray first) and publish
     `spec.model_id`. Resumes from the job's newest checkpoint in the store. `step_callbacks` run
-    in every worker after each step (tests inject faults with them; see worker.runtime)."""
+    in every worker after each step (tests inject faults with them; see worker.runtime). Rank 0
+    writes the job's TensorBoard logs to the store, and to MLflow when `tracking` names a server."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -92,6 +95,7 @@ def run_training(
             "channel": channel,
             "step_callbacks": list(step_callbacks),
             "cpus_per_worker": cpus_per_worker,
+            "tracking": tracking or TrackingSettings(),
         },
         scaling_config=ScalingConfig(
             num_workers=spec.num_workers, use_gpu=spec.use_gpu, resources_per_worker=resources

@@ -15,11 +15,12 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from services.common.model_store import ModelManifest, ModelStore, parse_model_name
+from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.common.tenancy import IMPLICIT_TENANT, Quotas, Tenant, quota_exceeded
 from services.common.usage import IMAGES_GENERATED, TRAINING_STEP_SECONDS, ledger_total, stored_bytes
@@ -38,6 +39,7 @@ from services.trainer.jobs.records import (
     validate_request_id,
 )
 from services.trainer.jobs.runner import JobRunner, PriorsProvider, RunnerSettings, TrainFn
+from services.trainer.jobs.training_logs import LogsPart, log_parts
 from services.trainer.jobs.upload_gate import UploadGate
 from services.trainer.jobs.validation import GpuCounter, SpecRequest, StoreModelCatalog, validate_spec
 from services.trainer.settings import SpecLimits, UploadLimits
@@ -215,6 +217,11 @@ class TrainerCore:
 
     def event_log(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> JobEventLog:
         return self.events.get(self.get_job(name, tenant))
+
+    def training_logs(self, name: str, tenant: Tenant = IMPLICIT_TENANT) -> Generator[LogsPart, None, None]:
+        """The job's TensorBoard files as stream parts (see training_logs.py); NotFound at once."""
+        job = self.get_job(name, tenant)
+        return log_parts(scoped_store(self.store, job.tenant), job)
 
     # Deletes (see deletion.py)
 

@@ -3,8 +3,8 @@
 What each delete removes now, and what it leaves to the store's garbage collector (services/gc):
 - a job: a running one is cancelled and awaited first; its training seconds go to the tenant's
   usage ledger (GetUsage keeps counting them); then its record (the job stops existing) and
-  everything under `jobs/{id}/` (events, previews, checkpoints). The model it published stays;
-  so does its prior set until a collection finds no other job naming it.
+  everything under `jobs/{id}/` (events, previews, checkpoints, training logs). The model it
+  published stays; so does its prior set until a collection finds no other job naming it.
 - a dataset: its manifest (it stops existing), then its images.
 - a model: its manifest (it stops existing). Its weight blobs stay until a collection finds no
   other model (of any tenant) sharing them.

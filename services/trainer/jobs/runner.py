@@ -30,6 +30,7 @@ from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.priors import PriorsCancelled, PriorsProvider
 from services.trainer.jobs.progress import ProgressTracker, StepUsage, examples_per_step
 from services.trainer.jobs.records import Job, JobRepository, JobState, Progress
+from services.trainer.settings import TrackingSettings
 from services.trainer.training_events import (
     CheckpointEvent,
     PreviewEvent,
@@ -59,6 +60,7 @@ class TrainFn(Protocol):
         cancel: threading.Event,
         storage_path: str | None = None,
         max_failures: int = 1,
+        tracking: TrackingSettings | None = None,
     ) -> Any: ...
 
 
@@ -78,6 +80,7 @@ class RunnerSettings:
     max_failures: int = 1
     progress_persist_seconds: float = 5.0
     shutdown_timeout_seconds: float = 60.0
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)  # MLflow, when configured
 
 
 class JobCancelled(Exception):
@@ -234,6 +237,7 @@ class JobRunner:
             cancel=cancel,
             storage_path=self.settings.storage_path,
             max_failures=self.settings.max_failures,
+            tracking=self.settings.tracking,
         )
         final = self.repo.get(job_id)
         if final.state != JobState.PUBLISHING:

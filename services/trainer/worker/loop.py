@@ -28,6 +28,7 @@ import torch
 from services.common.model_store import ModelStore
 from services.common.store_factory import open_store
 from services.trainer.job_spec import JobSpec
+from services.trainer.settings import TrackingSettings
 from services.trainer.training_events import (
     CheckpointEvent,
     ProgressEvent,
@@ -48,6 +49,7 @@ from services.trainer.worker.optim import make_optimizer, no_sync
 from services.trainer.worker.previews import send_previews
 from services.trainer.worker.publish import publish
 from services.trainer.worker.runtime import RayRuntime, Runtime, WorkerJob
+from services.trainer.worker.tracking import gradient_norm, open_tracker
 from services.trainer.worker.training_data import prepare_data, step_generator
 
 
@@ -59,14 +61,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         store_settings=config["store_settings"],
         prior_prefix=config.get("prior_prefix"),
         step_callbacks=tuple(config.get("step_callbacks", ())),
+        tracking=config.get("tracking", TrackingSettings()),
     )
     runtime = RayRuntime(config["channel"])
     if runtime.device.type == "cpu":
         torch.set_num_threads(max(1, int(config.get("cpus_per_worker", 1))))
+    error: BaseException | None = None
     try:
         train(job, runtime)
+    except BaseException as err:
+        error = err
+        raise
     finally:
-        runtime.flush()
+        runtime.close(error)
 
 
 # The run
@@ -118,6 +125,7 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
     unet = modules["unet"]
     text_encoder = modules.get("text_encoder", models.text_encoder)
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    tracker = open_tracker(job, store, runtime, start_step, group_names=list(modules))
 
     # 6. The loop.
     accumulation = spec.gradient_accumulation_steps
@@ -138,8 +146,11 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)
         if spec.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+            grad_norm: torch.Tensor | None = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
+        else:
+            grad_norm = gradient_norm(params) if runtime.is_chief else None
         learning_rate = optimizer.param_groups[0]["lr"]  # the UNet's rate this step used
+        learning_rates = [group["lr"] for group in optimizer.param_groups]
         scaler.step(optimizer)
         scaler.update()
         lr_scheduler.step()
@@ -159,6 +170,7 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
                 time=time.time(),
             )
         )
+        tracker.step(done, mean_loss, learning_rates, grad_norm, rate)
         if cancelled:
             return
         for callback in job.step_callbacks:
@@ -168,16 +180,18 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
             pointer = None
             if runtime.is_chief:
                 pointer = save_checkpoint(job, store, done, modules, optimizer, lr_scheduler, scaler, runtime)
+                tracker.upload()
             runtime.report({"step": done, "loss": mean_loss}, pointer)
         previews_due = spec.validation_steps > 0 and done % spec.validation_steps == 0
         if spec.validation_prompts and previews_due and done < spec.max_train_steps and runtime.is_chief:
-            send_previews(job, models, done, runtime, weight_dtype)
+            tracker.previews(done, send_previews(job, models, done, runtime, weight_dtype))
 
     # 7. Publish (rank 0); every rank reports the end, so Ray sees one consistent last result.
     final_step = max(start_step, spec.max_train_steps)
     if runtime.is_chief:
         if spec.validation_prompts:
-            send_previews(job, models, final_step, runtime, weight_dtype)
+            tracker.previews(final_step, send_previews(job, models, final_step, runtime, weight_dtype))
+        tracker.finish(final_step)
         runtime.send(PublishingEvent(step=final_step))
         publish(job, model_store, models, modules)
         runtime.send(PublishedEvent(step=final_step, model_id=spec.model_id))

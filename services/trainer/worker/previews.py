@@ -31,10 +31,12 @@ def make_pipeline(models: Models) -> Any:
 
 def send_previews(
     job: WorkerJob, models: Models, step: int, runtime: Runtime, amp_dtype: torch.dtype | None
-) -> None:
-    """Sample the validation prompts with the live weights (seeded: comparable across steps).
-    Under autocast when training is: frozen half-precision and trained fp32 modules then mix."""
+) -> list[PreviewEvent]:
+    """Sample the validation prompts with the live weights (seeded: comparable across steps) and
+    send them; returns them (for the training logs). Under autocast when training is: frozen
+    half-precision and trained fp32 modules then mix."""
     spec = job.spec
+    sent = []
     modes = models.unet.training, models.text_encoder.training
     models.unet.eval()
     models.text_encoder.eval()
@@ -54,7 +56,9 @@ def send_previews(
                 ).images[0]
             out = io.BytesIO()
             image.convert("RGB").save(out, format="JPEG", quality=PREVIEW_JPEG_QUALITY)
-            runtime.send(PreviewEvent(step=step, prompt=prompt, jpeg=out.getvalue()))
+            sent.append(PreviewEvent(step=step, prompt=prompt, jpeg=out.getvalue()))
+            runtime.send(sent[-1])
     finally:
         models.unet.train(modes[0])
         models.text_encoder.train(modes[1])
+    return sent

@@ -8,11 +8,12 @@ the single-process runtime (unit tests); `RayRuntime` is the one used inside Ray
 from __future__ import annotations
 
 import json
+import logging
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,10 @@ import torch
 
 from services.common.settings import StoreSettings
 from services.trainer.job_spec import JobSpec
+from services.trainer.settings import TrackingSettings
 from services.trainer.training_events import ProgressEvent, TrainingEvent
+
+log = logging.getLogger(__name__)
 
 # Rank 0 talks to the driver at most this often (the driver drains every 0.25 s anyway): a remote
 # call per step would cost a few % of a small model's step time on a busy CPU.
@@ -40,6 +44,7 @@ class WorkerJob:
     store_settings: StoreSettings
     prior_prefix: str | None = None
     step_callbacks: tuple[StepCallback, ...] = ()
+    tracking: TrackingSettings = field(default_factory=TrackingSettings)
 
 
 class Runtime:
@@ -52,6 +57,7 @@ class Runtime:
         self.events: list[TrainingEvent] = []
         self.reports: list[dict[str, Any]] = []
         self.cancelled = threading.Event()  # set from any thread to stop the run
+        self._closers: list[Callable[[BaseException | None], None]] = []
 
     @property
     def is_chief(self) -> bool:
@@ -64,6 +70,21 @@ class Runtime:
 
     def flush(self) -> None:
         """Deliver events held back so far (called when the run ends, however it ends)."""
+
+    def on_close(self, closer: Callable[[BaseException | None], None]) -> None:
+        """Have `closer` called when the run ends, with the error that ended it (None: it returned)."""
+        self._closers.append(closer)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """The run ended (however it ended): the closers, newest first, then the held-back events.
+        A closer that fails is logged; the others still run."""
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer(error)
+            except Exception:
+                log.exception("a closer of the training run failed")
+        self.flush()
 
     def poll_cancel(self) -> bool:
         """Rank 0's look at the cancel flag; must never block a step."""

@@ -34,7 +34,7 @@ from dreambooth_client.channels import (
     env_address,
 )
 from dreambooth_client.errors import JobFailedError, error_from_code, error_from_rpc
-from dreambooth_client.export import ExportWriter
+from dreambooth_client.export import ExportWriter, TrainingLogsWriter, VerifiedFolderWriter
 from dreambooth_client.messages import GeneratedImage, ImageInput
 from dreambooth_client.retry import Backoff, RetryPolicy, is_retryable
 from dreambooth_client.streams import (
@@ -330,10 +330,39 @@ class AsyncDreamBoothClient:
     ) -> common_pb2.Model:
         """Like `DreamBoothClient.export_model` (files are written from the event loop's thread)."""
         request = inference_pb2.ExportModelRequest(name=messages.model_name(model))
+        return await self._receive_folder(
+            self.inference_stub.ExportModel, request, lambda: ExportWriter(Path(out_dir)), timeout
+        )
+
+    async def download_training_logs(
+        self,
+        job: Any,
+        out_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        timeout: float | None = None,
+    ) -> trainer_pb2.TrainingJobLogs:
+        """Like `DreamBoothClient.download_training_logs` (files are written from the event loop's
+        thread)."""
+        request = trainer_pb2.DownloadTrainingJobLogsRequest(name=messages.job_name(job))
+        return await self._receive_folder(
+            self.trainer_stub.DownloadTrainingJobLogs,
+            request,
+            lambda: TrainingLogsWriter(Path(out_dir), overwrite=overwrite),
+            timeout,
+        )
+
+    async def _receive_folder(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        new_writer: Callable[[], VerifiedFolderWriter],
+        timeout: float | None,
+    ) -> Any:
         backoff = Backoff(self.retry)
         while True:
-            writer = ExportWriter(Path(out_dir))
-            call = self.inference_stub.ExportModel(request, timeout=timeout, metadata=self._metadata)
+            writer = new_writer()
+            call = method(request, timeout=timeout, metadata=self._metadata)
             received = False
             try:
                 async for response in call:

@@ -3,6 +3,7 @@
     dreambooth upload photos/
     dreambooth train --base-model tiny-sd --dataset photos/ --instance-prompt "a photo of sks dog" --wait
     dreambooth jobs list | get JOB | cancel JOB | watch JOB | delete JOB
+    dreambooth jobs logs JOB --tensorboard DIR     then: tensorboard --logdir DIR
     dreambooth generate --model MODEL --prompt "a photo of sks dog on the moon" --n 4 --out out/
     dreambooth models list | get MODEL | delete MODEL | export MODEL --out DIR
     dreambooth datasets delete DATASET
@@ -19,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -262,6 +264,26 @@ def cmd_jobs_watch(client: DreamBoothClient, args: argparse.Namespace, output: O
     return follow(client, messages.job_name(args.job), args.after, output, previews=args.previews)
 
 
+def cmd_jobs_logs(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    """The job's TensorBoard event files into DIR/JOB_ID: one run among any others under DIR."""
+    name = messages.job_name(args.job)
+    job_id = messages.resource_id(name)
+    if not re.fullmatch(r"[A-Za-z0-9_-]+", job_id):
+        raise UsageError(f"job: expected a job id or trainingJobs/ID, got {args.job!r}")
+    out_dir = Path(args.tensorboard) / job_id
+    try:
+        logs = client.download_training_logs(name, out_dir, overwrite=args.overwrite)
+    except ValueError as err:  # the target folder: say how to replace it
+        raise UsageError(f"--tensorboard: {err}; pass --overwrite to replace it") from err
+    size = formatting.size(sum(f.size_bytes for f in logs.files))
+    output.note(
+        f"downloaded {len(logs.files)} event file(s) of {logs.name} ({size}), sha256 verified; "
+        f"view with: tensorboard --logdir {args.tensorboard}"
+    )
+    output.message(logs, lambda: [str(out_dir)])
+    return 0
+
+
 def cmd_generate(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
     out_dir = Path(args.out)
     show_progress = output.err.isatty() and not output.as_json
@@ -418,6 +440,20 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "watch":
             sub.add_argument("--after", type=int, default=0, help="skip events up to this sequence number")
             sub.add_argument("--previews", default=None, metavar="DIR", help="save validation previews")
+    jobs_logs = job_commands.add_parser(
+        "logs", help="download a job's training logs (TensorBoard event files: loss, lr, previews, hparams)"
+    )
+    jobs_logs.add_argument("job", help="job id or trainingJobs/ID")
+    jobs_logs.add_argument(
+        "--tensorboard",
+        required=True,
+        metavar="DIR",
+        help="write the event files under DIR/JOB_ID; then: tensorboard --logdir DIR",
+    )
+    jobs_logs.add_argument(
+        "--overwrite", action="store_true", help="replace DIR/JOB_ID when it exists and is not empty"
+    )
+    jobs_logs.set_defaults(handler=cmd_jobs_logs)
 
     gen = commands.add_parser("generate", help="sample images from a model")
     gen.add_argument("--model", required=True, help="model id or models/ID")

@@ -37,7 +37,7 @@ from dreambooth_client.channels import (
     sync_channel,
 )
 from dreambooth_client.errors import JobFailedError, error_from_code, error_from_rpc
-from dreambooth_client.export import ExportWriter
+from dreambooth_client.export import ExportWriter, TrainingLogsWriter, VerifiedFolderWriter
 from dreambooth_client.messages import GeneratedImage, ImageInput
 from dreambooth_client.retry import Backoff, RetryPolicy, is_retryable
 from dreambooth_client.streams import (
@@ -403,10 +403,46 @@ class DreamBoothClient:
         The folder appears only once complete. Retried on UNAVAILABLE before the first response.
         """
         request = inference_pb2.ExportModelRequest(name=messages.model_name(model))
+        return self._receive_folder(
+            self.inference_stub.ExportModel, request, lambda: ExportWriter(Path(out_dir)), timeout
+        )
+
+    def download_training_logs(
+        self,
+        job: Any,
+        out_dir: str | os.PathLike[str],
+        *,
+        overwrite: bool = False,
+        timeout: float | None = None,
+    ) -> trainer_pb2.TrainingJobLogs:
+        """Download a job's TensorBoard event files into `out_dir` (one run's folder), every file
+        checked against its sha256: `tensorboard --logdir PARENT` then shows the job as a run.
+
+        `out_dir` must be missing or empty unless `overwrite` (it is then replaced, only once the
+        download is complete). FailedPreconditionError while the job has uploaded no logs yet
+        (they are uploaded at each checkpoint and when training ends). Retried on UNAVAILABLE
+        before the first response.
+        """
+        request = trainer_pb2.DownloadTrainingJobLogsRequest(name=messages.job_name(job))
+        return self._receive_folder(
+            self.trainer_stub.DownloadTrainingJobLogs,
+            request,
+            lambda: TrainingLogsWriter(Path(out_dir), overwrite=overwrite),
+            timeout,
+        )
+
+    def _receive_folder(
+        self,
+        method: Callable[..., Any],
+        request: Any,
+        new_writer: Callable[[], VerifiedFolderWriter],
+        timeout: float | None,
+    ) -> Any:
+        """A stream of files into a folder that appears only once complete (see export.py)."""
         backoff = Backoff(self.retry)
         while True:
-            writer = ExportWriter(Path(out_dir))
-            call = self.inference_stub.ExportModel(request, timeout=timeout, metadata=self._metadata)
+            writer = new_writer()
+            call = method(request, timeout=timeout, metadata=self._metadata)
             received = False
             try:
                 for response in call:

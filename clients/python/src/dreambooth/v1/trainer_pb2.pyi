@@ -357,3 +357,37 @@ class DeleteModelResponse(_message.Message):
     MODEL_FIELD_NUMBER: _ClassVar[int]
     model: _common_pb2.Model
     def __init__(self, model: _Optional[_Union[_common_pb2.Model, _Mapping]] = ...) -> None: ...
+
+class DownloadTrainingJobLogsRequest(_message.Message):
+    __slots__ = ("name",)
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class DownloadTrainingJobLogsResponse(_message.Message):
+    __slots__ = ("manifest", "file", "chunk")
+    MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    manifest: TrainingJobLogs
+    file: TrainingJobLogFile
+    chunk: bytes
+    def __init__(self, manifest: _Optional[_Union[TrainingJobLogs, _Mapping]] = ..., file: _Optional[_Union[TrainingJobLogFile, _Mapping]] = ..., chunk: _Optional[bytes] = ...) -> None: ...
+
+class TrainingJobLogs(_message.Message):
+    __slots__ = ("name", "files")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    files: _containers.RepeatedCompositeFieldContainer[TrainingJobLogFile]
+    def __init__(self, name: _Optional[str] = ..., files: _Optional[_Iterable[_Union[TrainingJobLogFile, _Mapping]]] = ...) -> None: ...
+
+class TrainingJobLogFile(_message.Message):
+    __slots__ = ("path", "sha256", "size_bytes")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    sha256: str
+    size_bytes: int
+    def __init__(self, path: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...

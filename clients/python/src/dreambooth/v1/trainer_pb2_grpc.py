@@ -86,6 +86,11 @@ class TrainerServiceStub:
                 request_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelRequest.SerializeToString,
                 response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelResponse.FromString,
                 _registered_method=True)
+        self.DownloadTrainingJobLogs = channel.unary_stream(
+                '/dreambooth.v1.TrainerService/DownloadTrainingJobLogs',
+                request_serializer=dreambooth_dot_v1_dot_trainer__pb2.DownloadTrainingJobLogsRequest.SerializeToString,
+                response_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DownloadTrainingJobLogsResponse.FromString,
+                _registered_method=True)
 
 
 class TrainerServiceServicer:
@@ -144,8 +149,8 @@ class TrainerServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteTrainingJob(self, request, context):
-        """Deletes a job: its record, events, previews and checkpoints (a running job is cancelled
-        first). The model it published stays.
+        """Deletes a job: its record, events, previews, checkpoints and training logs (a running job
+        is cancelled first). The model it published stays.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -162,6 +167,16 @@ class TrainerServiceServicer:
         """Deletes a model; refused (FAILED_PRECONDITION) while an unfinished job trains on it or
         publishes it, or while a LoRA model needs it as its base. Its weight files are removed by
         the store's garbage collector once no other model shares them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DownloadTrainingJobLogs(self, request, context):
+        """Downloads a job's training logs, TensorBoard event files (loss, learning rates, gradient
+        norm, samples/s, validation previews, the spec as hparams): the manifest first, then for
+        each file its header followed by its chunks. They are uploaded at each checkpoint and when
+        the job ends; FAILED_PRECONDITION while none has been uploaded yet.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -219,6 +234,11 @@ def add_TrainerServiceServicer_to_server(servicer, server):
                     servicer.DeleteModel,
                     request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelRequest.FromString,
                     response_serializer=dreambooth_dot_v1_dot_trainer__pb2.DeleteModelResponse.SerializeToString,
+            ),
+            'DownloadTrainingJobLogs': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadTrainingJobLogs,
+                    request_deserializer=dreambooth_dot_v1_dot_trainer__pb2.DownloadTrainingJobLogsRequest.FromString,
+                    response_serializer=dreambooth_dot_v1_dot_trainer__pb2.DownloadTrainingJobLogsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -493,6 +513,33 @@ class TrainerService:
             '/dreambooth.v1.TrainerService/DeleteModel',
             dreambooth_dot_v1_dot_trainer__pb2.DeleteModelRequest.SerializeToString,
             dreambooth_dot_v1_dot_trainer__pb2.DeleteModelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadTrainingJobLogs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/dreambooth.v1.TrainerService/DownloadTrainingJobLogs',
+            dreambooth_dot_v1_dot_trainer__pb2.DownloadTrainingJobLogsRequest.SerializeToString,
+            dreambooth_dot_v1_dot_trainer__pb2.DownloadTrainingJobLogsResponse.FromString,
             options,
             channel_credentials,
             insecure,
