@@ -56,7 +56,9 @@ def prepare_data(job: WorkerJob, models: Models, store: Any, device: torch.devic
     if spec.with_prior_preservation:
         prefixes = job.prior_prefixes
         if len(prefixes) != len(subjects):
-            raise FailedPrecondition("with_prior_preservation is on but no class-prior images were given")
+            raise FailedPrecondition(
+                "with_prior_preservation is on but not every subject's class-prior images were given"
+            )
         sets = list(dict.fromkeys(prefixes))
         prior_seed = image_seed(spec.seed, 1)  # shared sets once, in first-use order
         prior_of = [sets.index(prefix) for prefix in prefixes]
