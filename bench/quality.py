@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/quality.py [--quick] [--base models/toy-world-base] [--subjects a,b]
                                       [--train-seeds 1] [--images-per-prompt 4] [--threads 2]
+                                      [--multi-subject on|off|only]
 
 For every held-out subject (toyworld.HELD_OUT_SUBJECTS) and training seed, each recipe of
 toybench.recipes is fine-tuned on the committed toy-world base through the project's training
@@ -13,10 +14,19 @@ over subjects x seeds; `spread` is their standard deviation. `--quick` (one subj
 recipes the summary needs, 30 steps, 8 class priors, one image per prompt: the same keys, a smoke
 run, not figures to quote) is run by `make test`.
 
+Multi-subject rows: the DreamBooth recipe on 2 and on 3 held-out subjects in ONE job
+(MULTI_SUBJECT_SETS; each subject its own identifier, toybench.dreambooth.IDENTIFIERS), for
+the recipe's steps times the number of subjects, so each subject gets the examples it gets
+alone. Each subject is scored under its own identifier, with the bleed between them
+(toybench.multi_subject). `--quick` runs the 2-subject job only, at the quick steps (a smoke
+run); `--multi-subject only` skips the single-subject rows, `off` the multi-subject ones.
+
 The last line is one JSON object: subject_fidelity_ratio (DreamBooth with priors / real photos),
 prompt_fidelity (background accuracy of the recontextualised prompts), class_accuracy_drop and
 other_class_accuracy_drop (base minus after, with priors), prior_beats_no_prior, lora_ratio
-(LoRA's subject fidelity / full fine-tuning's), the rows, and the run's seconds.
+(LoRA's subject fidelity / full fine-tuning's), the rows, multi_subject (per job: each
+subject's scores, their mean fidelity and confusion, and each subject's fidelity in a job of
+its own when this run trained one), and the run's seconds.
 """
 
 from __future__ import annotations
@@ -32,9 +42,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from toybench.dreambooth import BASE_MODEL_ID, Recipe, Workbench
-from toybench.evalnet import embed, load_evalnet
+from toybench.dreambooth import BASE_MODEL_ID, IDENTIFIERS, Recipe, Workbench
+from toybench.evalnet import EvalNet, embed, load_evalnet
 from toybench.evaluation import score_model, score_real_photos
+from toybench.multi_subject import score_subjects
 from toybench.recipes import DREAMBOOTH, LORA, NO_PRIOR, RECIPES
 from toyworld import HELD_OUT_SUBJECTS, subject
 
@@ -43,6 +54,8 @@ QUICK_SUBJECTS = ("striped-ball",)
 QUICK_STEPS = 30
 QUICK_CLASS_PRIORS = 8
 SUMMARY_RECIPES = (DREAMBOOTH, NO_PRIOR, LORA)  # the rows the JSON summary compares
+# Two balls (one class, one shared prior set: the hardest to keep apart), then a cube with them.
+MULTI_SUBJECT_SETS = (("striped-ball", "spotted-ball"), ("striped-ball", "spotted-ball", "dotted-cube"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,6 +71,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, help="train every recipe this many steps (default: its own)")
     parser.add_argument("--class-priors", type=int, help="class-prior images per job (default: the recipe's)")
     parser.add_argument("--quick", action="store_true", help="a smoke run (same keys; not figures to quote)")
+    parser.add_argument(
+        "--multi-subject",
+        choices=("on", "off", "only"),
+        default="on",
+        help="the multi-subject rows: with the others (on), not at all (off), or alone (only)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -89,8 +108,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     net = load_evalnet()
     cells: dict[str, list[dict[str, float]]] = {"real photos": [], "base model": []}
+    single: dict[str, float] = {}  # subject -> its DreamBooth fine-tune's fidelity (seed 0)
+    multi: dict[str, dict] = {}
     try:
-        for held_out in subjects:
+        for held_out in subjects if args.multi_subject != "only" else ():
             real = embed(net, held_out.photos())
             cells["real photos"].append(
                 score_real_photos(net, held_out, args.images_per_prompt, args.class_images)
@@ -113,13 +134,24 @@ def main(argv: list[str] | None = None) -> int:
                         net, sampler(model_id), held_out, real, args.images_per_prompt, args.class_images
                     )
                     cells.setdefault(recipe.name, []).append({**scores, "train_s": trained_s})
+                    if recipe.name == DREAMBOOTH.name and seed == 0:
+                        single[held_out.name] = scores["subject_fidelity"]
                     print(
                         f"{held_out.name} {recipe.name} seed {seed}: {_brief(scores)} ({trained_s:.0f} s)",
                         flush=True,
                     )
+        if args.multi_subject != "off":
+            dreambooth = next(recipe for recipe in recipes if recipe.name == DREAMBOOTH.name)
+            for together in MULTI_SUBJECT_SETS[:1] if args.quick else MULTI_SUBJECT_SETS:
+                multi[f"{len(together)}_subjects"] = _multi_subject(
+                    bench, net, together, dreambooth, args, single
+                )
     finally:
         bench.close()
 
+    if args.multi_subject == "only":
+        print(json.dumps({"multi_subject": multi, "quick": args.quick, "seconds": _since(started)}))
+        return 0
     rows = {name: _mean(values) for name, values in cells.items()}
     spreads = {name: _spread(values) for name, values in cells.items()}
     print(_table(rows, spreads))
@@ -149,11 +181,53 @@ def main(argv: list[str] | None = None) -> int:
         "spread": {
             name: {key: round(value, 4) for key, value in row.items()} for name, row in spreads.items()
         },
+        "multi_subject": multi,
         "quick": args.quick,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": _since(started),
     }
     print(json.dumps(summary, sort_keys=True))
     return 0
+
+
+def _multi_subject(
+    bench: Workbench,
+    net: EvalNet,
+    names: tuple[str, ...],
+    recipe: Recipe,
+    args: argparse.Namespace,
+    single: dict[str, float],
+) -> dict:
+    """One job of the DreamBooth recipe on `names`, each subject scored under its identifier."""
+    held_out = [subject(name) for name in names]
+    steps = recipe.steps * (1 if args.quick else len(held_out))
+    tic = time.perf_counter()
+    model_id = bench.finetune_subjects(held_out, recipe, seed=0, steps=steps)
+    trained_s = time.perf_counter() - tic
+
+    def sample(prompt: str, count: int):
+        return bench.sample(model_id, prompt, count)
+
+    identifiers = IDENTIFIERS[: len(held_out)]
+    rows = score_subjects(net, sample, held_out, identifiers, args.images_per_prompt, args.class_images)
+    for name, row in rows.items():
+        print(f"{'+'.join(names)} ({name}): {_brief(row)}, confusion {row['confusion']:.3f}", flush=True)
+    result = {
+        "subjects": dict(zip(names, identifiers, strict=True)),
+        "steps": steps,
+        "train_s": round(trained_s, 1),
+        "subject_fidelity": round(float(np.mean([row["subject_fidelity"] for row in rows.values()])), 4),
+        "confusion": round(float(np.mean([row["confusion"] for row in rows.values()])), 4),
+        "cross_fidelity": round(float(np.mean([row["cross_fidelity"] for row in rows.values()])), 4),
+        "rows": {name: {key: round(value, 4) for key, value in row.items()} for name, row in rows.items()},
+    }
+    alone = {name: round(single[name], 4) for name in names if name in single}
+    if alone:
+        result["single_subject_fidelity"] = alone
+    return result
+
+
+def _since(started: float) -> float:
+    return round(time.perf_counter() - started, 1)
 
 
 COLUMNS = (

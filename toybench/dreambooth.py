@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from services.priorgen.render import SetRenderer
 from services.priorgen.request import PriorRequest, PriorSpec
 from services.priorgen.settings import PriorGenSettings
 from services.trainer.dataset_layout import write_dataset
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import Concept, JobSpec, concepts
 from services.trainer.worker.loop import train
 from services.trainer.worker.publish import load_lora_pipeline
 from services.trainer.worker.runtime import Runtime, WorkerJob
@@ -40,6 +41,9 @@ from toyworld.vocabulary import caption
 
 BASE_MODEL_ID = "toy-world-base"
 IDENTIFIER = "sks"
+# One per subject of a multi-subject job, the first being IDENTIFIER: single tokens of the CLIP
+# vocabulary that the world's captions never use.
+IDENTIFIERS = (IDENTIFIER, "ohwx", "bnha")
 RESOLUTION = 64
 RENDER_WIDTH = 8  # images per sampling call
 
@@ -96,9 +100,36 @@ class Recipe:
         )
 
 
-def instance_prompt(subject: Subject, background: str | None = None) -> str:
+def instance_prompt(subject: Subject, background: str | None = None, identifier: str = IDENTIFIER) -> str:
     """ "a photo of sks ball" (on a background: "a photo of sks ball on the beach")."""
-    return caption(subject.object, None, background, identifier=IDENTIFIER)
+    return caption(subject.object, None, background, identifier=identifier)
+
+
+def multi_subject_spec(
+    recipe: Recipe,
+    subjects: Sequence[Subject],
+    dataset_ids: Sequence[str],
+    model_id: str,
+    seed: int,
+    steps: int,
+) -> JobSpec:
+    """One job training every subject, subject i named by IDENTIFIERS[i]: the recipe's spec for
+    the first subject, the others as its additional concepts, `steps` in all."""
+    first = recipe.job_spec(subjects[0], dataset_ids[0], model_id, seed)
+    others = tuple(
+        Concept(
+            dataset=dataset_id,
+            instance_prompt=instance_prompt(subject, identifier=identifier),
+            identifier_token=identifier,
+            class_prompt=class_prompt(subject),
+        )
+        for subject, dataset_id, identifier in zip(
+            subjects[1:], dataset_ids[1:], IDENTIFIERS[1:], strict=False
+        )
+    )
+    if len(others) != len(subjects) - 1:
+        raise ValueError(f"at most {len(IDENTIFIERS)} subjects in one job, got {len(subjects)}")
+    return dataclasses.replace(first, max_train_steps=steps, additional_concepts=others)
 
 
 def class_prompt(subject: Subject) -> str:
@@ -162,6 +193,32 @@ class Workbench:
         spec = recipe.job_spec(subject, self.upload(subject), model_id, seed)
         prior_prefix = self.class_priors(spec) if spec.with_prior_preservation else None
         train(WorkerJob(f"job-{model_id}", spec, self.settings, prior_prefix), Runtime())
+        return model_id
+
+    def finetune_subjects(
+        self, subjects: Sequence[Subject], recipe: Recipe, seed: int, steps: int, model_id: str | None = None
+    ) -> str:
+        """Train `recipe` on several subjects in one job (subject i named by IDENTIFIERS[i]);
+        returns the published model's id."""
+        model_id = model_id or f"{'.'.join(s.name for s in subjects)}-{recipe.name}-{seed}-{steps}"
+        if self.models.exists(model_id):
+            return model_id
+        datasets = [self.upload(subject) for subject in subjects]
+        spec = multi_subject_spec(recipe, subjects, datasets, model_id, seed, steps)
+        prefixes: tuple[str, ...] = ()
+        if spec.with_prior_preservation:  # as the trainer asks: one set per class prompt
+            prefixes = tuple(
+                self.class_priors(dataclasses.replace(spec, class_prompt=concept.class_prompt))
+                for concept in concepts(spec)
+            )
+        job = WorkerJob(
+            f"job-{model_id}",
+            spec,
+            self.settings,
+            prefixes[0] if prefixes else None,
+            additional_prior_prefixes=prefixes[1:],
+        )
+        train(job, Runtime())
         return model_id
 
     # ---- sampling -----------------------------------------------------------------------------

@@ -35,13 +35,15 @@ class PromptSet:
     other_classes: dict[str, str]  # object -> prompt
 
 
-def prompts_for(subject: Subject, property_count: int = 5) -> PromptSet:
+def prompts_for(subject: Subject, property_count: int = 5, identifier: str = IDENTIFIER) -> PromptSet:
     other_colours = [colour for colour in COLOURS if colour != subject.colour][:property_count]
     others = [obj for obj in OBJECTS if obj != subject.object]
     return PromptSet(
-        recontext={background: instance_prompt(subject, background) for background in BACKGROUNDS},
+        recontext={
+            background: instance_prompt(subject, background, identifier) for background in BACKGROUNDS
+        },
         property_change={
-            colour: f"a photo of {article(colour)} {colour} {IDENTIFIER} {subject.object}"
+            colour: f"a photo of {article(colour)} {colour} {identifier} {subject.object}"
             for colour in other_colours
         },
         class_prompt=class_prompt(subject),
@@ -61,12 +63,14 @@ def score_model(
     class_images: int,
     *,
     all_prompts: bool = True,
+    identifier: str = IDENTIFIER,
 ) -> dict[str, float]:
     """Subject and prompt fidelity, class preservation and other-class accuracy of one model.
 
-    `all_prompts=False` leaves out the property changes and the other classes (a faster check).
+    `all_prompts=False` leaves out the property changes and the other classes (a faster check);
+    `identifier` is the token the model learned the subject as.
     """
-    prompts = prompts_for(subject)
+    prompts = prompts_for(subject, identifier=identifier)
     recontext = {bg: sample(prompt, images_per_prompt) for bg, prompt in prompts.recontext.items()}
     recontext_images = [image for images in recontext.values() for image in images]
     background_accuracy = np.mean(

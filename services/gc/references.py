@@ -35,7 +35,7 @@ RECORD_NAMES = {"models": "manifest.json", "datasets": "manifest.json", "jobs": 
 @dataclass(frozen=True)
 class JobRef:
     final: bool
-    prior_prefix: str
+    prior_prefixes: tuple[str, ...]  # every subject's prior set (one, or one per concept)
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,8 @@ def read_references(store: ObjectStore, pins: list[PinInfo]) -> References:
         job = _read_job(store, record)
         if job is None:
             continue
-        jobs[job.job_id] = JobRef(job.state.is_final, job.prior_prefix)
+        prefixes = tuple(p for p in (job.prior_prefix, *job.additional_prior_prefixes) if p)
+        jobs[job.job_id] = JobRef(job.state.is_final, prefixes)
         if not job.state.is_final and job.spec.with_prior_preservation and not job.prior_prefix:
             keep_all_priors = True
     return References(
@@ -137,7 +138,7 @@ def read_references(store: ObjectStore, pins: list[PinInfo]) -> References:
         models=frozenset(models),
         datasets=frozenset(datasets),
         jobs=jobs,
-        prior_prefixes=frozenset(ref.prior_prefix for ref in jobs.values() if ref.prior_prefix),
+        prior_prefixes=frozenset(prefix for ref in jobs.values() for prefix in ref.prior_prefixes),
         keep_all_priors=keep_all_priors,
         pinned_prefixes=tuple(prefix for pin in pins for prefix in pin.prefixes),
     )

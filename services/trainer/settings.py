@@ -44,6 +44,7 @@ class SpecLimits:
     max_batch_size: int = 64
     max_gradient_accumulation_steps: int = 128
     max_lora_rank: int = 256
+    max_additional_concepts: int = 7  # subjects besides the spec's own (TrainerSettings.max_concepts - 1)
     # A job's cost in megapixel-steps (services.common.cost): 20,000 steps at 512x512 with prior
     # preservation fit; a batch of 64 at 1024x1024 for 20,000 steps (x250) does not.
     max_job_cost: float = 50_000.0
@@ -99,6 +100,7 @@ class TrainerSettings:
     max_steps: int = 20_000
     max_resolution: int = 1024
     max_prompt_chars: int = 1000
+    max_concepts: int = 8  # subjects one job may train (the spec's own and its additional concepts)
 
     def __post_init__(self) -> None:
         for name in (
@@ -109,6 +111,7 @@ class TrainerSettings:
             "max_workers",
             "max_steps",
             "priorgen_attempts",
+            "max_concepts",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -139,6 +142,7 @@ class TrainerSettings:
             max_workers=self.max_workers,
             max_resolution=self.max_resolution,
             max_prompt_chars=self.max_prompt_chars,
+            max_additional_concepts=self.max_concepts - 1,
         )
 
 

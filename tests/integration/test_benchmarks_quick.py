@@ -28,6 +28,7 @@ KEYS = {
         "prior_beats_no_prior",
         "lora_ratio",
         "rows",
+        "multi_subject",
     },
     "lora.py": {
         "switch_ms",
@@ -46,6 +47,11 @@ KEYS = {
 }
 # What must hold of a quick run's figures beyond their presence (never a speed).
 CHECKS = {
+    "quality.py": lambda r: (  # the quick run's one multi-subject job: both subjects scored
+        set(r["multi_subject"]) == {"2_subjects"}
+        and len(r["multi_subject"]["2_subjects"]["rows"]) == 2
+        and all(0 <= row["confusion"] <= 1 for row in r["multi_subject"]["2_subjects"]["rows"].values())
+    ),
     "lora.py": lambda r: (
         0 < r["adapter_bytes"] < r["full_model_new_bytes"] < r["full_model_bytes"]
         and all(r[name] > 0 for name in ("switch_ms", "full_load_ms", "mixed_ratio", "fused_ratio"))
@@ -53,7 +59,7 @@ CHECKS = {
 }
 
 
-@pytest.mark.timeout(900)  # quality.py --quick fine-tunes four recipes
+@pytest.mark.timeout(900)  # quality.py --quick fine-tunes four recipes and one 2-subject job
 @pytest.mark.parametrize("bench", sorted(KEYS))
 def test_a_quick_run_ends_with_one_json_line_of_its_figures(bench: str, tmp_path: Path) -> None:
     (tmp_path / "ray_bootstrap_config.yaml").write_text("provider:\n  type: local\n")  # Ray stays offline

@@ -93,3 +93,19 @@ def test_deletes_wait_for_running_jobs_and_a_collection_then_leaves_no_orphan(
     # Every model, dataset and job is gone; the usage ledger keeps the deleted job's training.
     assert [info.key for info in store.list()] == [f"usage/deleted-jobs/{job_id}.json"]
     assert collect(store).garbage == ()
+
+
+def test_the_dataset_of_a_running_jobs_additional_concept_cannot_go(
+    trainer: RunningTrainer, client: DreamBoothClient
+) -> None:
+    dog, cat = client.upload_images([make_png(0)]), client.upload_images([make_png(5)])
+    concept = trainer_pb2.TrainingConcept(
+        dataset=cat.name, instance_prompt="a photo of zwx cat", identifier_token="zwx"
+    )
+    job = trainer.create(tiny_spec(dog.name, num_workers=1, additional_concepts=[concept]))
+    trainer.wait_for_state(job.name, TRAINING)
+    with pytest.raises(FailedPreconditionError, match=f"used by unfinished training jobs {job.name}"):
+        client.delete_dataset(cat)
+    client.cancel_training_job(job)
+    trainer.wait_for_state(job.name, CANCELLED)
+    assert client.delete_dataset(cat).name == cat.name

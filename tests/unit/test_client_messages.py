@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from dreambooth.v1 import common_pb2, trainer_pb2
-from dreambooth_client import messages
+from dreambooth_client import Concept, messages
 from dreambooth_client.messages import GeneratedImage
 
 
@@ -113,6 +113,35 @@ def test_build_training_spec_overrides_a_message() -> None:
 def test_build_training_spec_refuses_typos_and_wrong_types(fields: dict, match: str) -> None:
     with pytest.raises((TypeError, ValueError), match=match):
         messages.build_training_spec(**fields)
+
+
+def test_additional_concepts_from_concepts_messages_or_dicts() -> None:
+    spec = messages.build_training_spec(
+        additional_concepts=[
+            Concept(trainer_pb2.Dataset(name="datasets/b"), "a zwx cat", "zwx", "a cat"),
+            trainer_pb2.TrainingConcept(dataset="c", instance_prompt="an ohwx bird", identifier_token="ohwx"),
+            {
+                "dataset": "d",
+                "instance_prompt": "a bnha cup",
+                "identifier_token": "bnha",
+                "class_prompt": None,
+            },
+        ]
+    )
+    assert [(c.dataset, c.instance_prompt, c.identifier_token) for c in spec.additional_concepts] == [
+        ("datasets/b", "a zwx cat", "zwx"),
+        ("datasets/c", "an ohwx bird", "ohwx"),
+        ("datasets/d", "a bnha cup", "bnha"),
+    ]
+    assert spec.additional_concepts[0].class_prompt == "a cat"
+    assert not spec.additional_concepts[1].HasField("class_prompt")  # unset: not sent
+    assert not spec.additional_concepts[2].HasField("class_prompt")
+    one = messages.build_training_spec(concept=Concept("datasets/b", "a zwx cat", "zwx"))  # the flag's alias
+    assert len(one.additional_concepts) == 1
+    with pytest.raises(TypeError, match="unknown training concept field 'token'"):
+        messages.build_training_spec(additional_concepts=[{"dataset": "b", "token": "zwx"}])
+    with pytest.raises(TypeError, match="Concept"):
+        messages.build_training_spec(additional_concepts=["datasets/b"])
 
 
 def test_upload_requests_chunk_each_image_after_its_header(tmp_path) -> None:

@@ -142,6 +142,19 @@ def test_delete_then_collect_leaves_no_orphan_and_keeps_every_referenced_model(w
         assert models.materialize(model_id).is_dir()
 
 
+def test_every_subjects_prior_set_of_a_multi_subject_job_is_kept(world: World) -> None:
+    cat_priors = "priors/" + "f" * 64 + "/"
+    world.store.put_bytes(f"{cat_priors}images/00000.png", make_png(4))
+    world.store.put_bytes(f"{cat_priors}manifest.json", b"{}")
+    repo = JobRepository(world.store)
+    repo.load()
+    repo.update(world.finished_job, additional_prior_prefixes=(cat_priors,))
+
+    swept = {g.key for g in collect(world.store).garbage}
+    assert f"{UNUSED_PRIORS}manifest.json" in swept
+    assert not [key for key in swept if key.startswith((cat_priors, USED_PRIORS))]
+
+
 def test_the_gc_command_lists_what_a_dry_run_would_remove_and_the_bytes(
     world: World, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

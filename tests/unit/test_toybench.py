@@ -20,6 +20,7 @@ from toybench.evalnet import (
     MANIFEST_FILE,
     WEIGHTS_FILE,
     WrongWorld,
+    embed,
     load_evalnet,
     predict,
 )
@@ -30,6 +31,7 @@ from toybench.metrics import (
     real_photo_fidelity,
     subject_fidelity,
 )
+from toybench.multi_subject import bleed
 from toybench.train_evalnet import draw_dataset, training_scenes
 from toyworld import HELD_OUT_SUBJECTS, pretraining_scenes
 
@@ -131,3 +133,20 @@ def test_the_loader_refuses_changed_files_and_other_worlds(tmp_path: Path) -> No
         load_evalnet(other)
     with pytest.raises(FileNotFoundError):
         load_evalnet(tmp_path)
+
+
+def test_bleed_reads_which_subject_an_image_shows(net) -> None:
+    """New photos of A score no bleed against B; B's photos offered as A's score all bleed."""
+    a, b = toyworld.subject("striped-ball"), toyworld.subject("spotted-ball")  # one class, two looks
+    real = {s.name: embed(net, s.photos()) for s in (a, b)}
+    fresh = [np.asarray(photo) for photo in a.photos(size=64, count=5, start=20)]
+    clean = bleed(net, fresh, a, [b], real)
+    assert clean["confusion"] == 0.0 and clean["pattern_bleed"] == 0.0
+    assert clean["cross_fidelity"] < 0.5 and clean["real_cross_fidelity"] < 0.5
+    swapped = bleed(net, [np.asarray(photo) for photo in b.photos(size=64, count=5, start=20)], a, [b], real)
+    assert swapped["confusion"] == 1.0 and swapped["pattern_bleed"] == 1.0
+    assert swapped["cross_fidelity"] > 0.7
+    # A subject whose look is the same as A's gives no pattern reading to compare.
+    assert "pattern_bleed" not in bleed(
+        net, fresh, a, [toyworld.subject("racing-car")], {**real, "racing-car": real[a.name]}
+    )

@@ -4,9 +4,21 @@ from __future__ import annotations
 
 import pytest
 
-from toybench.dreambooth import IDENTIFIER, Recipe, class_prompt, instance_prompt
+from services.trainer.api import convert
+from services.trainer.job_spec import concepts
+from services.trainer.jobs.validation import BaseModelInfo, validate_spec
+from services.trainer.settings import SpecLimits
+from toybench.dreambooth import (
+    IDENTIFIER,
+    IDENTIFIERS,
+    Recipe,
+    class_prompt,
+    instance_prompt,
+    multi_subject_spec,
+)
 from toybench.evaluation import prompts_for
-from toyworld import BACKGROUNDS, HELD_OUT_SUBJECTS, OBJECTS, Subject, parse_prompt
+from toybench.recipes import DREAMBOOTH
+from toyworld import BACKGROUNDS, HELD_OUT_SUBJECTS, OBJECTS, Subject, parse_prompt, subject
 
 
 @pytest.mark.parametrize("subject", HELD_OUT_SUBJECTS, ids=lambda s: s.name)
@@ -35,3 +47,35 @@ def test_a_recipe_becomes_the_job_spec_the_trainer_runs() -> None:
     assert (spec.max_train_steps, spec.seed, spec.model_id) == (10, 3, "model-1")
     assert spec.text_encoder_learning_rate == 1e-4  # follows the UNet's unless the recipe says
     assert spec.with_prior_preservation and spec.checkpointing_steps == 0
+
+
+class EveryDataset:
+    """A catalog in which every dataset exists: what is checked here is the spec's own rules."""
+
+    def exists(self, dataset_id: str) -> bool:
+        return True
+
+
+class OnlyBases:
+    """A catalog in which every name is a base model and no fine-tuned model exists yet."""
+
+    def exists(self, model_id: str) -> bool:
+        return False
+
+    def describe(self, model_id: str) -> BaseModelInfo:
+        return BaseModelInfo(model_id, "base", 64)
+
+
+def test_a_multi_subject_job_names_each_subject_by_its_own_identifier() -> None:
+    subjects = [subject(name) for name in ("striped-ball", "spotted-ball", "dotted-cube")]
+    spec = multi_subject_spec(DREAMBOOTH, subjects, ["a" * 64, "b" * 64, "c" * 64], "m", seed=1, steps=600)
+    assert [c.identifier_token for c in concepts(spec)] == list(IDENTIFIERS)
+    for concept, held_out in zip(concepts(spec), subjects, strict=True):
+        assert concept.instance_prompt == instance_prompt(held_out, identifier=concept.identifier_token)
+        assert parse_prompt(concept.instance_prompt) == {"object": held_out.object}
+    assert spec.max_train_steps == 600 and spec.additional_concepts[0].class_prompt == spec.class_prompt
+    # The trainer would accept it as it is.
+    request = convert.spec_request_from_proto(convert.spec_to_proto(spec))  # as it would arrive
+    assert validate_spec(request, limits=SpecLimits(), models=OnlyBases(), datasets=EveryDataset()) == spec
+    with pytest.raises(ValueError, match="at most 3 subjects"):
+        multi_subject_spec(DREAMBOOTH, subjects * 2, ["a" * 64] * 6, "m", seed=1, steps=1)

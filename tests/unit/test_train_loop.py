@@ -17,7 +17,7 @@ from services.common.model_store import ModelStore
 from services.common.pipelines import load_pipeline
 from services.common.settings import StoreSettings
 from services.trainer.dataset_layout import write_dataset
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import Concept, JobSpec
 from services.trainer.training_events import (
     CheckpointEvent,
     PreviewEvent,
@@ -115,6 +115,43 @@ def test_a_resumed_run_ends_where_the_uninterrupted_run_ends(settings: StoreSett
     resumed_weights = _unet_weights(settings, "resumed")
     for name, value in straight_weights.items():
         torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6)
+
+
+def test_a_two_subject_job_trains_both_resumes_exactly_and_publishes(settings: StoreSettings) -> None:
+    store = LocalObjectStore(Path(settings.store_dir))
+    cat_dataset, cat_priors = "c" * 64, "priors/cat/"
+    write_dataset(store, cat_dataset, [make_png(200 + index) for index in range(3)])
+    for index in range(2):
+        store.put_bytes(f"{cat_priors}images/{index:05d}.png", make_png(300 + index))
+    cat = Concept(cat_dataset, "a photo of zwx cat", "zwx", "a photo of cat")
+
+    def run(model_id: str, runtime: Runtime | None = None) -> Runtime:
+        runtime = runtime or Runtime()
+        spec = _spec(additional_concepts=(cat,), model_id=model_id)
+        train(
+            WorkerJob(f"job-{model_id}", spec, settings, PRIORS, additional_prior_prefixes=(cat_priors,)),
+            runtime,
+        )
+        return runtime
+
+    alone = _run(settings, _spec(model_id="dog-alone"), "job-dog-alone")
+    straight = run("two")
+    # Seed 0, one example a step: step 1 trains the dog (the same draws as alone), step 2 the cat.
+    losses, alone_losses = [p.loss for p in _progress(straight)], [p.loss for p in _progress(alone)]
+    assert losses[0] == pytest.approx(alone_losses[0], rel=1e-6) and losses[1] != pytest.approx(
+        alone_losses[1]
+    )
+
+    interrupted = CancelAfterCheckpoint()
+    run("two-resumed", interrupted)
+    assert [p.step for p in _progress(interrupted)] == [1, 2, 3]
+    resumed = run("two-resumed")
+    assert [p.step for p in _progress(resumed)] == [3, 4]
+    assert [p.loss for p in _progress(resumed)] == pytest.approx(losses[2:], rel=1e-5)
+    straight_weights, resumed_weights = _unet_weights(settings, "two"), _unet_weights(settings, "two-resumed")
+    for name, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[name], value, rtol=1e-5, atol=1e-6)
+    assert _models(settings).get("two-resumed").training_job == "job-two-resumed"
 
 
 def test_a_run_publishes_a_fine_tuned_model_sharing_unchanged_blobs(settings: StoreSettings) -> None:

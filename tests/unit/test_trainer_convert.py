@@ -9,7 +9,7 @@ from dreambooth.v1 import common_pb2, trainer_pb2
 
 from services.common.errors import InvalidArgument
 from services.trainer.api import convert
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import Concept, ConceptRequest, JobSpec
 from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
 from services.trainer.jobs.records import Job, JobState, Progress
 from tests.fixtures.trainer_server import encode, make_image
@@ -26,6 +26,7 @@ SPEC = JobSpec(
     mixed_precision="no",
     validation_prompts=("sks dog",),
     model_id="my-dog",
+    additional_concepts=(Concept("b" * 64, "a photo of zwx cat", "zwx", "a photo of cat"),),
 )
 
 
@@ -42,7 +43,21 @@ def test_a_spec_goes_to_proto_and_back_unchanged() -> None:
             expected = "models/tiny-sd"
         elif field.name == "dataset":
             expected = "datasets/" + "a" * 64
+        elif field.name == "additional_concepts":
+            expected = (
+                ConceptRequest("datasets/" + "b" * 64, "a photo of zwx cat", "zwx", "a photo of cat"),
+            )
         assert value == expected, field.name
+
+
+def test_concept_fields_the_client_left_unset_stay_unset() -> None:
+    proto = trainer_pb2.TrainingJobSpec(
+        additional_concepts=[trainer_pb2.TrainingConcept(dataset="datasets/x", identifier_token="")]
+    )
+    (concept,) = convert.spec_request_from_proto(proto).additional_concepts
+    assert concept == ConceptRequest(dataset="datasets/x", identifier_token="")
+    assert concept.instance_prompt is None and concept.class_prompt is None
+    assert convert.spec_request_from_proto(trainer_pb2.TrainingJobSpec()).additional_concepts is None
 
 
 def test_unset_enums_and_unknown_values() -> None:

@@ -6,6 +6,8 @@ tests run the real Ray Train core.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -18,7 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from services.common.errors import AlreadyExists, Unavailable
 from services.common.local_store import LocalObjectStore
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import Concept, JobSpec
 from services.trainer.jobs.events import EventLogs
 from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.priors import PriorsCancelled, PriorSetInfo
@@ -100,7 +102,12 @@ class FakePriors:
             raise PriorsCancelled()
         for done in range(1, 4):
             on_progress(done, 3)
-        return PriorSetInfo(prefix="priors/abc/", count=3, cached=False)
+        prefix = (
+            "priors/abc/"
+            if spec.class_prompt == "a dog"
+            else f"priors/{spec.class_prompt.replace(' ', '-')}/"
+        )
+        return PriorSetInfo(prefix=prefix, count=3, cached=False)
 
 
 class FakeModels:
@@ -251,6 +258,37 @@ def test_prior_preservation_generates_priors_first(rig: Rig) -> None:
     ]
     assert rig.train.calls[0]["prior_prefix"] == "priors/abc/"
     assert rig.repo.get(job.job_id).prior_prefix == "priors/abc/"
+
+
+def test_each_class_prompt_of_a_multi_subject_job_gets_one_prior_set(rig: Rig) -> None:
+    rig.train.gate.set()
+    spec = dataclasses.replace(
+        PRIOR_SPEC,
+        additional_concepts=(
+            Concept("b" * 64, "a photo of zwx cat", "zwx", "a cat"),
+            Concept("c" * 64, "a photo of ohwx dog", "ohwx", "a dog"),  # the first subject's class
+        ),
+    )
+    job = rig.create(spec)
+    done = rig.wait_for(job.job_id, JobState.SUCCEEDED)
+    assert [call.class_prompt for call in rig.priors.calls] == ["a dog", "a cat"]  # once each
+    assert (done.prior_prefix, done.additional_prior_prefixes) == (
+        "priors/abc/",
+        ("priors/a-cat/", "priors/abc/"),
+    )
+    call = rig.train.calls[0]
+    assert (call["prior_prefix"], call["additional_prior_prefixes"]) == (
+        "priors/abc/",
+        ("priors/a-cat/", "priors/abc/"),
+    )
+    events, _ = rig.events.get(done).read()
+    progress = [(e.payload.images_done, e.payload.images_total) for e in events if e.kind == "prior_progress"]
+    assert progress == [(1, 6), (2, 6), (3, 6), (4, 6), (5, 6), (6, 6)]  # both sets, as one count
+    stored = Job.from_json(json.loads(json.dumps(done.to_json())))  # the record keeps every set
+    assert (stored.prior_prefix, stored.additional_prior_prefixes) == (
+        done.prior_prefix,
+        done.additional_prior_prefixes,
+    )
 
 
 def test_only_max_concurrent_jobs_run_the_rest_wait_queued(rig: Rig) -> None:

@@ -4,13 +4,22 @@ the proto, the trainer's JobSpec, validation of single fields, and the CLI's fla
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 from dreambooth.v1 import trainer_pb2
 from dreambooth_client import cli, messages
 
 from services.common.errors import InvalidArgument
-from services.trainer.job_spec import FIELDS, FIELDS_BY_NAME, JobSpec, SpecRequest
+from services.trainer.job_spec import (
+    CONCEPT_FIELDS,
+    FIELDS,
+    FIELDS_BY_NAME,
+    Concept,
+    ConceptRequest,
+    JobSpec,
+    SpecRequest,
+)
 from services.trainer.jobs.spec_fields import check_field
 from services.trainer.settings import SpecLimits
 
@@ -23,12 +32,54 @@ def test_the_table_has_one_row_per_proto_field() -> None:
 
 
 def test_every_scalar_proto_field_has_presence() -> None:
-    """One convention for "unset": proto3 optional presence (the repeated field has none)."""
+    """One convention for "unset": proto3 optional presence (the repeated fields have none)."""
     for field in PROTO_FIELDS:
         if field.is_repeated:
             assert FIELDS_BY_NAME[field.name].type is tuple
+            assert (field.message_type is not None) == (FIELDS_BY_NAME[field.name].item is not None)
         else:
             assert field.has_presence, field.name
+
+
+def test_a_repeated_message_row_is_its_items_rows() -> None:
+    """TrainingConcept: the proto's fields, the rows and the SDK's `Concept` are one list."""
+    row = FIELDS_BY_NAME["additional_concepts"]
+    assert row.item is Concept and Concept.FIELDS is CONCEPT_FIELDS
+    proto = trainer_pb2.TrainingConcept.DESCRIPTOR.fields
+    assert (
+        [f.name for f in proto]
+        == [r.name for r in CONCEPT_FIELDS]
+        == [f.name for f in dataclasses.fields(Concept)]
+    )
+    assert [f.name for f in dataclasses.fields(ConceptRequest)] == [r.name for r in CONCEPT_FIELDS]
+    assert all(f.has_presence for f in proto)
+    assert row.high in {f.name for f in dataclasses.fields(SpecLimits)}
+
+
+def test_a_jobspec_with_concepts_survives_its_job_record() -> None:
+    concept = Concept("b" * 64, "a photo of zwx cat", "zwx", "a photo of cat")
+    spec = JobSpec(dataset="a" * 64, additional_concepts=(concept,), validation_prompts=("x",))
+    assert JobSpec.from_json(json.loads(json.dumps(spec.to_json()))) == spec
+    assert JobSpec.from_json({"dataset": "a" * 64}).additional_concepts == ()  # a record from before
+
+
+def test_concept_items_are_checked_by_their_rows() -> None:
+    row = FIELDS_BY_NAME["additional_concepts"]
+    good = ConceptRequest("datasets/x", "a zwx cat", "zwx")
+    assert check_field(row, (good,), LIMITS, use_lora=False) == (
+        Concept("datasets/x", "a zwx cat", "zwx", ""),
+    )
+    for bad, field in (
+        (dataclasses.replace(good, identifier_token="z w"), "identifier_token"),
+        (dataclasses.replace(good, instance_prompt=" "), "instance_prompt"),
+        (dataclasses.replace(good, dataset=None), "dataset"),
+    ):
+        with pytest.raises(InvalidArgument) as info:
+            check_field(row, (good, bad), LIMITS, use_lora=False)
+        assert info.value.field == f"spec.additional_concepts[1].{field}"
+    with pytest.raises(InvalidArgument) as info:
+        check_field(row, (good,) * 8, LIMITS, use_lora=False)  # 7 besides the spec's own, by default
+    assert info.value.field == "spec.additional_concepts"
 
 
 def test_enum_rows_list_exactly_the_enum_values() -> None:
@@ -127,6 +178,31 @@ def test_the_cli_has_a_flag_per_row_and_sends_only_what_was_given() -> None:
     assert spec.lr_schedule == trainer_pb2.LR_SCHEDULE_COSINE and spec.use_lora
     assert list(spec.validation_prompts) == ["one", "two"]
     assert not spec.HasField("max_train_steps") and not spec.HasField("prior_loss_weight")
+
+
+def test_the_cli_concept_flag_takes_three_or_four_values() -> None:
+    parser = cli.build_parser()
+    base = ["train", "--base-model", "tiny", "--dataset", "datasets/a", "--instance-prompt", "a sks dog"]
+    args = parser.parse_args(
+        [
+            *base,
+            "--concept", "datasets/b", "zwx", "a photo of zwx cat", "a photo of cat",
+            "--concept", "datasets/c", "ohwx", "a photo of ohwx bird",
+        ]
+    )  # fmt: skip
+    assert args.additional_concepts == [
+        Concept("datasets/b", "a photo of zwx cat", "zwx", "a photo of cat"),
+        Concept("datasets/c", "a photo of ohwx bird", "ohwx"),
+    ]
+    spec = messages.build_training_spec(**{row.name: getattr(args, row.name) for row in FIELDS})
+    assert [(c.dataset, c.identifier_token, c.class_prompt) for c in spec.additional_concepts] == [
+        ("datasets/b", "zwx", "a photo of cat"),
+        ("datasets/c", "ohwx", ""),
+    ]
+    assert not parser.parse_args(base).additional_concepts
+    for values in (["datasets/b", "zwx"], ["d", "t", "p", "c", "extra"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args([*base, "--concept", *values])
 
 
 def test_sdk_aliases_come_from_the_cli_flags() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import io
 import math
@@ -15,7 +16,7 @@ from PIL import Image
 
 from services.common.errors import InvalidArgument
 from services.trainer.dataset_layout import DatasetInfo
-from services.trainer.job_spec import FIELDS, JobSpec, SpecRequest
+from services.trainer.job_spec import CONCEPT_FIELDS, FIELDS, ConceptRequest, JobSpec, SpecRequest
 from services.trainer.jobs.core import Usage
 from services.trainer.jobs.events import JobEvent, Preview, PriorProgressInfo
 from services.trainer.jobs.records import Job, JobState, Progress
@@ -33,19 +34,30 @@ def spec_request_from_proto(spec: trainer_pb2.TrainingJobSpec) -> SpecRequest:
     presence), else what it sent; enum values by name ("unknown enum value 9" when not known)."""
     values: dict[str, Any] = {}
     for field in FIELDS:
-        descriptor = spec.DESCRIPTOR.fields_by_name[field.name]
-        if field.type is tuple:
+        if field.item is not None:
+            items = getattr(spec, field.name)
+            requests = tuple(ConceptRequest(**_set_fields(item, CONCEPT_FIELDS)) for item in items)
+            values[field.name] = requests or None
+        elif field.type is tuple:
             values[field.name] = tuple(getattr(spec, field.name)) or None
+    values.update(_set_fields(spec, [field for field in FIELDS if field.type is not tuple]))
+    return SpecRequest(**values)
+
+
+def _set_fields(message: Any, fields: Any) -> dict[str, Any]:
+    """The scalar fields the client set (proto3 `optional` presence), enums by name."""
+    values: dict[str, Any] = {}
+    for field in fields:
+        if not message.HasField(field.name):
             continue
-        if not spec.HasField(field.name):
-            continue
-        value = getattr(spec, field.name)
+        descriptor = message.DESCRIPTOR.fields_by_name[field.name]
+        value = getattr(message, field.name)
         if descriptor.enum_type is not None:
             value = _enum_names(descriptor.enum_type).get(value, f"unknown enum value {value}")
         elif isinstance(value, float):
             value = _from_float32(value)
         values[field.name] = value
-    return SpecRequest(**values)
+    return values
 
 
 def _from_float32(value: float) -> float:
@@ -84,7 +96,11 @@ def spec_to_proto(spec: JobSpec) -> trainer_pb2.TrainingJobSpec:
     for field in FIELDS:
         value = getattr(spec, field.name)
         descriptor = proto.DESCRIPTOR.fields_by_name[field.name]
-        if field.type is tuple:
+        if field.item is not None:
+            for item in value:
+                message = getattr(proto, field.name).add(**dataclasses.asdict(item))
+                message.dataset = f"datasets/{message.dataset}"
+        elif field.type is tuple:
             getattr(proto, field.name).extend(value)
         elif descriptor.enum_type is not None:
             numbers = {name: number for number, name in _enum_names(descriptor.enum_type).items()}

@@ -28,7 +28,7 @@ from services.common.store_factory import open_store
 from services.trainer.driver import cluster as ray_cluster
 from services.trainer.driver.channel import JobChannel, Pump
 from services.trainer.driver.failures import describe_failure
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import JobSpec, concepts
 from services.trainer.settings import TrackingSettings
 from services.trainer.training_events import (
     TrainingCancelled,
@@ -57,11 +57,13 @@ def run_training(
     cpus_per_worker: int = 1,
     step_callbacks: Sequence[StepCallback] = (),
     tracking: TrackingSettings | None = None,
+    additional_prior_prefixes: tuple[str, ...] = (),
 ) -> TrainingResult:
     """Train `spec` as job `job_id` on the connected Ray (connect_ray first) and publish
     `spec.model_id`. Resumes from the job's newest checkpoint in the store. `step_callbacks` run
     in every worker after each step (tests inject faults with them; see worker.runtime). Rank 0
-    writes the job's TensorBoard logs to the store, and to MLflow when `tracking` names a server."""
+    writes the job's TensorBoard logs to the store, and to MLflow when `tracking` names a server.
+    `additional_prior_prefixes`: the prior set of each of the spec's additional concepts."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -77,7 +79,8 @@ def run_training(
     done = _already_published(models, job_id, spec)
     if done is not None:
         return done
-    _preflight(store, models, spec, prior_prefix, cpus_per_worker)
+    prior_prefixes = (prior_prefix, *additional_prior_prefixes) if prior_prefix else ()
+    _preflight(store, models, spec, prior_prefixes, cpus_per_worker)
     resumed_from = checkpoints.newest_step(store, job_id) or 0
     if cancel.is_set():
         raise TrainingCancelled(f"job {job_id} was cancelled before training started")
@@ -92,6 +95,7 @@ def run_training(
             "spec": spec.to_json(),
             "store_settings": store_settings,
             "prior_prefix": prior_prefix,
+            "additional_prior_prefixes": list(additional_prior_prefixes),
             "channel": channel,
             "step_callbacks": list(step_callbacks),
             "cpus_per_worker": cpus_per_worker,
@@ -150,16 +154,23 @@ def _already_published(models: ModelStore, job_id: str, spec: JobSpec) -> Traini
     )
 
 
-def _preflight(store: Any, models: ModelStore, spec: JobSpec, prior_prefix: str | None, cpus: int) -> None:
+def _preflight(
+    store: Any, models: ModelStore, spec: JobSpec, prior_prefixes: tuple[str, ...], cpus: int
+) -> None:
     import ray
 
     if not models.exists(spec.base_model):
         raise NotFound("base_model", f"base_model: model {spec.base_model!r} not found")
-    data.dataset_image_keys(store, spec.dataset)  # NotFound naming the dataset
+    subjects = concepts(spec)
+    for concept in subjects:
+        data.dataset_image_keys(store, concept.dataset)  # NotFound naming the dataset
     if spec.with_prior_preservation:
-        if not prior_prefix:
-            raise FailedPrecondition("with_prior_preservation is on but no class-prior images were generated")
-        data.prior_image_keys(store, prior_prefix)
+        if len(prior_prefixes) != len(subjects):
+            raise FailedPrecondition(
+                "with_prior_preservation is on but not every subject's class-prior images were generated"
+            )
+        for prefix in set(prior_prefixes):
+            data.prior_image_keys(store, prefix)
     if ray_cluster.is_local():
         # A local Ray cannot grow: asking for more than it has would wait forever.
         available = ray.cluster_resources()

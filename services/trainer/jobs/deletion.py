@@ -30,6 +30,7 @@ from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.common.usage import keep_deleted_job_usage
 from services.trainer.dataset_layout import DatasetInfo, dataset_name
+from services.trainer.job_spec import concepts
 from services.trainer.jobs.datasets import DatasetStore
 from services.trainer.jobs.events import EventLogs
 from services.trainer.jobs.records import PREFIX, Job, JobRepository
@@ -96,7 +97,11 @@ class Deletions:
         datasets = DatasetStore(self.store, tenant)
         info = datasets.get(dataset_id)  # NotFound first: ids are per tenant
         with self.lock:
-            users = [job.name for job in self._unfinished(tenant) if job.spec.dataset == dataset_id]
+            users = [
+                job.name
+                for job in self._unfinished(tenant)
+                if any(concept.dataset == dataset_id for concept in concepts(job.spec))
+            ]
             if users:
                 raise FailedPrecondition(
                     f"{dataset_name(dataset_id)} is used by unfinished training jobs {', '.join(users)}; "

@@ -106,6 +106,7 @@ class Job:
     error_message: str = ""
     checkpoint_step: int = 0
     prior_prefix: str = ""  # where the class images are, once generated
+    additional_prior_prefixes: tuple[str, ...] = ()  # those of each additional concept, in order
     runs: int = 0  # times the job was started (more than one after restarts)
     tenant: str = ""  # the owner's name; "" = the implicit tenant (records from before tenants too)
     training_step_seconds: float = 0.0  # worker-seconds spent in training steps (usage)
@@ -127,6 +128,7 @@ class Job:
         values["spec"] = JobSpec.from_json(data["spec"])
         values["state"] = JobState(data["state"])
         values["progress"] = Progress(**data.get("progress", {}))
+        values["additional_prior_prefixes"] = tuple(data.get("additional_prior_prefixes", ()))
         return cls(**values)
 
 

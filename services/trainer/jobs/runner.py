@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from services.common.errors import DomainError
 from services.common.settings import StoreSettings
 from services.common.tenancy import namespace_of
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import JobSpec, concepts
 from services.trainer.jobs.events import EventLogs, PriorProgressInfo
 from services.trainer.jobs.metrics import TrainerMetrics
 from services.trainer.jobs.priors import PriorsCancelled, PriorsProvider
@@ -61,6 +61,7 @@ class TrainFn(Protocol):
         storage_path: str | None = None,
         max_failures: int = 1,
         tracking: TrackingSettings | None = None,
+        additional_prior_prefixes: tuple[str, ...] = (),
     ) -> Any: ...
 
 
@@ -216,10 +217,10 @@ class JobRunner:
             self.repo.transition(job_id, JobState.SUCCEEDED, model=f"models/{spec.model_id}")
             return
 
-        prior_prefix = None
+        prior_prefixes: tuple[str | None, ...] = (None,)
         if spec.with_prior_preservation:
             _check(cancel)
-            prior_prefix = self._generate_priors(job, cancel)
+            prior_prefixes = self._generate_priors(job, cancel)
 
         _check(cancel)
         self.repo.transition(job_id, JobState.TRAINING)
@@ -232,12 +233,13 @@ class JobRunner:
             store_settings=dataclasses.replace(
                 self.settings.store_settings, namespace=namespace_of(job.tenant)
             ),
-            prior_prefix=prior_prefix,
+            prior_prefix=prior_prefixes[0],
             on_event=handler,
             cancel=cancel,
             storage_path=self.settings.storage_path,
             max_failures=self.settings.max_failures,
             tracking=self.settings.tracking,
+            additional_prior_prefixes=tuple(prefix for prefix in prior_prefixes[1:] if prefix),
         )
         final = self.repo.get(job_id)
         if final.state != JobState.PUBLISHING:
@@ -259,26 +261,38 @@ class JobRunner:
         )
         log.info("job succeeded", extra={"job_id": job_id, "model": result.model_id, "step": final_step})
 
-    def _generate_priors(self, job: Job, cancel: threading.Event) -> str:
+    def _generate_priors(self, job: Job, cancel: threading.Event) -> tuple[str, ...]:
+        """Every subject's class-prior set, in the order of `concepts(spec)`; subjects with the
+        same class prompt share one set (asked for once). Progress counts every set's images."""
         job_id = job.job_id
         self.repo.transition(job_id, JobState.GENERATING_PRIORS)
         event_log = self.events.get(self.repo.get(job_id))
         started = self._clock()
+        class_prompts = list(dict.fromkeys(concept.class_prompt for concept in concepts(job.spec)))
+        prefixes: dict[str, str] = {}
+        for index, class_prompt in enumerate(class_prompts):
 
-        def on_progress(done: int, total: int) -> None:
-            event_log.progress(
-                PriorProgressInfo(images_done=done, images_total=total), force_durable=done == total
+            def on_progress(done: int, total: int, sets_done: int = index) -> None:
+                # Every set has the job's num_class_images: progress over all of them.
+                overall = total * len(class_prompts)
+                done += sets_done * total
+                event_log.progress(
+                    PriorProgressInfo(images_done=done, images_total=overall), force_durable=done == overall
+                )
+
+            # The spec as this subject's prior set sees it: only the class prompt differs.
+            spec = dataclasses.replace(job.spec, class_prompt=class_prompt)
+            info = self.priors.generate(spec, tenant=job.tenant, on_progress=on_progress, cancel=cancel)
+            prefixes[class_prompt] = info.prefix
+            log.info(
+                "priors ready",
+                extra={"job_id": job_id, "prefix": info.prefix, "count": info.count, "cached": info.cached},
             )
-
-        info = self.priors.generate(job.spec, tenant=job.tenant, on_progress=on_progress, cancel=cancel)
         if self.metrics is not None:
             self.metrics.prior_wait_seconds.observe(self._clock() - started)
-        self.repo.update(job_id, prior_prefix=info.prefix)
-        log.info(
-            "priors ready",
-            extra={"job_id": job_id, "prefix": info.prefix, "count": info.count, "cached": info.cached},
-        )
-        return info.prefix
+        ordered = tuple(prefixes[concept.class_prompt] for concept in concepts(job.spec))
+        self.repo.update(job_id, prior_prefix=ordered[0], additional_prior_prefixes=ordered[1:])
+        return ordered
 
     def _finish_after_error(self, job_id: str, err: BaseException, started: float) -> None:
         with self._lock:

@@ -1,6 +1,6 @@
 """Checking one spec field against its row of the spec table: type, choices, pattern, bounds
-(numbers, or the names of this server's SpecLimits), prompt length. Rules between fields are
-validation.py's."""
+(numbers, or the names of this server's SpecLimits), prompt length; the items of a repeated
+message field against their own rows. Rules between fields are validation.py's."""
 
 from __future__ import annotations
 
@@ -18,12 +18,15 @@ def bound(value: float | str | None, limits: SpecLimits) -> float | None:
     return getattr(limits, value) if isinstance(value, str) else value
 
 
-def check_field(field: SpecField, value: Any, limits: SpecLimits, use_lora: bool) -> Any:
+def check_field(field: SpecField, value: Any, limits: SpecLimits, use_lora: bool, name: str = "") -> Any:
     """The field's resolved value: its default when unset (None for a field derived from
-    others), else the sent value once it passed the row's rules."""
-    name = f"spec.{field.name}"
+    others), else the sent value once it passed the row's rules. Errors name `name`
+    (default `spec.{field}`)."""
+    name = name or f"spec.{field.name}"
     if value is None:
         return None if field.derived else field.default_for(use_lora)
+    if field.item is not None:
+        return _check_items(field, field.item, name, tuple(value), limits, use_lora)
     if field.type is tuple:
         return _check_prompt_list(field, name, tuple(value), limits)
     if field.type is str:
@@ -46,10 +49,31 @@ def _check_text(field: SpecField, name: str, value: str, limits: SpecLimits) -> 
     return text
 
 
-def _check_prompt_list(field: SpecField, name: str, values: tuple[Any, ...], limits: SpecLimits) -> tuple:
+def _check_items(
+    field: SpecField, item_type: Any, name: str, items: tuple[Any, ...], limits: SpecLimits, use_lora: bool
+) -> tuple:
+    """Each item of a repeated message, row by row: `spec.additional_concepts[1].dataset`."""
+    _check_count(field, name, items, limits)
+    checked = []
+    for index, item in enumerate(items):
+        values = {}
+        for row in item_type.FIELDS:
+            path, value = f"{name}[{index}].{row.name}", getattr(item, row.name)
+            if value is None and row.required:
+                raise InvalidArgument(path, f"is required: {row.help}")
+            values[row.name] = check_field(row, value, limits, use_lora, path)
+        checked.append(item_type(**values))
+    return tuple(checked)
+
+
+def _check_count(field: SpecField, name: str, values: tuple[Any, ...], limits: SpecLimits) -> None:
     most = bound(field.high, limits)
     if most is not None and len(values) > most:
         raise InvalidArgument(name, f"at most {most:g} values, got {len(values)}")
+
+
+def _check_prompt_list(field: SpecField, name: str, values: tuple[Any, ...], limits: SpecLimits) -> tuple:
+    _check_count(field, name, values, limits)
     checked = []
     for index, value in enumerate(values):
         text = str(value).strip()

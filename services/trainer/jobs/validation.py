@@ -10,8 +10,9 @@ never a silent default.
 
 from __future__ import annotations
 
+import dataclasses
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ from services.common.cost import check_cost, training_cost
 from services.common.errors import AlreadyExists, InvalidArgument, NotFound
 from services.common.model_store import ModelStore, blob_key, parse_model_name, validate_model_id
 from services.trainer.dataset_layout import parse_dataset_name
-from services.trainer.job_spec import FIELDS, FIELDS_BY_NAME, JobSpec, SpecRequest
+from services.trainer.job_spec import FIELDS, FIELDS_BY_NAME, Concept, JobSpec, SpecRequest
 from services.trainer.jobs.spec_fields import check_field
 from services.trainer.settings import SpecLimits
 
@@ -64,6 +65,7 @@ class StoreModelCatalog:
 
 
 GpuCounter = Callable[[], "int | None"]
+CONCEPTS = "spec.additional_concepts"
 
 
 def validate_spec(
@@ -78,6 +80,9 @@ def validate_spec(
 
     `model_id` stays "" when not requested: the job id it defaults to does not exist yet.
     """
+    # 0. A bound on the work the steps below do.
+    _check_concept_count(request, limits)
+
     # 1. Every field on its own (the table's rules); derived fields stay None until step 3.
     use_lora = bool(request.use_lora)
     values = {
@@ -89,11 +94,18 @@ def validate_spec(
         raise InvalidArgument("spec.base_model", "is required (a model name such as models/sd-1-5)")
     values["base_model"] = parse_model_name(values["base_model"], "spec.base_model")
     values["dataset"] = parse_dataset_name(values["dataset"], "spec.dataset")
+    values["additional_concepts"] = tuple(
+        dataclasses.replace(
+            concept, dataset=parse_dataset_name(concept.dataset, f"{CONCEPTS}[{index}].dataset")
+        )
+        for index, concept in enumerate(values["additional_concepts"])
+    )
     if values["model_id"]:
         values["model_id"] = validate_model_id(values["model_id"], "spec.model_id")
 
     # 3. Rules between fields, and defaults that follow from other fields.
     _check_prompts(values)
+    _check_concepts(values)
     if values["validation_steps"] and not values["validation_prompts"]:
         raise InvalidArgument("spec.validation_steps", "needs at least one of spec.validation_prompts")
     if values["lr_warmup_steps"] > values["max_train_steps"]:
@@ -138,10 +150,10 @@ def validate_spec(
         values["resolution"], values["max_train_steps"], examples, text_encoder=values["train_text_encoder"]
     )
     check_cost(cost, limits.max_job_cost, "spec", "fewer steps, a smaller batch or a lower resolution")
-    if not datasets.exists(values["dataset"]):
-        raise NotFound(
-            "spec.dataset", f"spec.dataset: dataset {request.dataset!r} not found (upload it first)"
-        )
+    for field, dataset in _datasets(values):
+        if not datasets.exists(dataset):
+            name = f"datasets/{dataset}"
+            raise NotFound(field, f"{field}: dataset {name!r} not found (upload it first)")
     if values["model_id"] and models.exists(values["model_id"]):
         raise AlreadyExists(f"spec.model_id: model {values['model_id']!r} already exists; choose another id")
     return JobSpec(**values)
@@ -165,6 +177,83 @@ def _check_prompts(values: dict[str, Any]) -> None:
                 "spec.class_prompt",
                 f"must describe the class in general, without the identifier token {token!r}",
             )
+
+
+def _check_concept_count(request: SpecRequest, limits: SpecLimits) -> None:
+    count, most = len(request.additional_concepts or ()), limits.max_additional_concepts
+    if count > most:
+        raise InvalidArgument(
+            CONCEPTS,
+            f"a job trains at most {most + 1} subjects (the spec's own and {most} additional "
+            f"concepts), got {count} additional concepts",
+        )
+
+
+def _check_concepts(values: dict[str, Any]) -> None:
+    """Every subject must be told apart: its own identifier token and images; its instance
+    prompt names its token and no other subject's; with priors, each has a class prompt that
+    names no subject's token. (The spec's own subject's prompts are `_check_prompts`'.) Tokens
+    are compared regardless of case, as CLIP's tokenizer lowercases prompts."""
+    own = Concept(
+        values["dataset"], values["instance_prompt"], values["identifier_token"], values["class_prompt"]
+    )
+    subjects = [("spec", own)]
+    subjects += [(f"{CONCEPTS}[{index}]", c) for index, c in enumerate(values["additional_concepts"])]
+    if len(subjects) == 1:
+        return
+    tokens: dict[str, str] = {}
+    datasets: dict[str, str] = {}
+    for where, concept in subjects:
+        token = concept.identifier_token.casefold()
+        if token in tokens:
+            raise InvalidArgument(
+                f"{where}.identifier_token",
+                f"{concept.identifier_token!r} is already {tokens[token]}.identifier_token; "
+                "each subject needs its own",
+            )
+        if concept.dataset in datasets:
+            raise InvalidArgument(
+                f"{where}.dataset",
+                f"is already {datasets[concept.dataset]}.dataset; each subject needs its own images",
+            )
+        tokens[token], datasets[concept.dataset] = where, where
+    priors = values["with_prior_preservation"]
+    for where, concept in subjects[1:]:
+        _check_concept_prompts(where, concept, priors)
+    for index, (where, concept) in enumerate(subjects):
+        for other_index, (other_where, other) in enumerate(subjects):
+            token = other.identifier_token
+            if other_index != index and _contains_word(concept.instance_prompt.casefold(), token.casefold()):
+                raise InvalidArgument(
+                    f"{where}.instance_prompt",
+                    f"names {other_where}.identifier_token {token!r}; "
+                    "an instance prompt names its own subject only",
+                )
+            if priors and _contains_word(concept.class_prompt.casefold(), token.casefold()):
+                raise InvalidArgument(
+                    f"{where}.class_prompt",
+                    f"must describe the class in general, without the identifier token {token!r}",
+                )
+
+
+def _check_concept_prompts(where: str, concept: Concept, with_prior_preservation: bool) -> None:
+    token = concept.identifier_token
+    if not _contains_word(concept.instance_prompt, token):
+        raise InvalidArgument(
+            f"{where}.instance_prompt",
+            f"must contain its identifier token {token!r}, got {concept.instance_prompt!r}",
+        )
+    if with_prior_preservation and not concept.class_prompt:
+        raise InvalidArgument(
+            f"{where}.class_prompt", "is required with prior preservation (e.g. 'a photo of cat')"
+        )
+
+
+def _datasets(values: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """(field, dataset id) of every subject's images."""
+    yield "spec.dataset", values["dataset"]
+    for index, concept in enumerate(values["additional_concepts"]):
+        yield f"{CONCEPTS}[{index}].dataset", concept.dataset
 
 
 def _check_gpus(use_gpu: bool, num_workers: int, gpu_count: GpuCounter | None) -> None:

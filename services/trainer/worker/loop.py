@@ -5,10 +5,11 @@
     1. Context: the job (from the driver's config) and the runtime (rank, device, channel)
     2. Base model from the model store; the trainable part (full UNet, or LoRA adapters)
     3. Resume from the job's newest checkpoint in the store, if any
-    4. Data: subject and class-prior latents, text embeddings — computed once, before the loop
+    4. Data: every subject's and class-prior set's latents, text embeddings — once, before the loop
     5. Optimizer, LR schedule, DDP
-    6. The loop: instance + class examples in one batch, noise MSE + w x prior MSE, gradient
-       accumulation, clipping, mixed precision; every N steps a checkpoint; previews
+    6. The loop: instance + class examples in one batch (several subjects: in turn), noise MSE
+       + w x prior MSE, gradient accumulation, clipping, mixed precision; every N steps a
+       checkpoint; previews
     7. Rank 0 publishes the model
 
 Everything the worker needs arrives in `config` (never globals). Every worker runs the same
@@ -50,7 +51,7 @@ from services.trainer.worker.previews import send_previews
 from services.trainer.worker.publish import publish
 from services.trainer.worker.runtime import RayRuntime, Runtime, WorkerJob
 from services.trainer.worker.tracking import gradient_norm, open_tracker
-from services.trainer.worker.training_data import prepare_data, step_generator
+from services.trainer.worker.training_data import SubjectSchedule, prepare_data, step_generator
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -62,6 +63,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         prior_prefix=config.get("prior_prefix"),
         step_callbacks=tuple(config.get("step_callbacks", ())),
         tracking=config.get("tracking", TrackingSettings()),
+        additional_prior_prefixes=tuple(config.get("additional_prior_prefixes", ())),
     )
     runtime = RayRuntime(config["channel"])
     if runtime.device.type == "cpu":
@@ -129,6 +131,9 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
 
     # 6. The loop.
     accumulation = spec.gradient_accumulation_steps
+    schedule = SubjectSchedule(
+        batch_data.subject_count, spec.seed, runtime.world_size, accumulation, spec.train_batch_size
+    )
     examples_per_step = spec.train_batch_size * accumulation * runtime.world_size
     examples_per_step *= 2 if spec.with_prior_preservation else 1
     throughput = None
@@ -137,11 +142,14 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
         loss_sum = torch.zeros((), device=device)
         for micro in range(accumulation):
             generator = step_generator(spec.seed, runtime.rank, step, micro)
+            subjects = schedule.batch(runtime.rank, step, micro)
             with (
                 no_sync(modules.values(), enabled=micro < accumulation - 1),
                 torch.autocast(device.type, dtype=weight_dtype, enabled=use_amp),
             ):
-                loss, _ = dreambooth_loss(unet, text_encoder, models, batch_data, spec, generator, device)
+                loss, _ = dreambooth_loss(
+                    unet, text_encoder, models, batch_data, spec, generator, device, subjects
+                )
             scaler.scale(loss / accumulation).backward()
             loss_sum += loss.detach()
         scaler.unscale_(optimizer)

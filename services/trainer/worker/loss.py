@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
 from services.trainer.job_spec import JobSpec
 from services.trainer.worker.models import Models
-from services.trainer.worker.training_data import TrainingData
+from services.trainer.worker.training_data import TrainingData, conditioning, draw_latents
 
 
 def dreambooth_loss(
@@ -18,36 +20,25 @@ def dreambooth_loss(
     spec: JobSpec,
     generator: torch.Generator,
     device: torch.device,
+    subjects: Sequence[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total, instance) loss of one micro-batch: instance and class examples in ONE forward."""
-    size = spec.train_batch_size
-    latents = batch_data.instance.sample(size, generator)
-    if batch_data.prior is not None:
-        latents = torch.cat([latents, batch_data.prior.sample(size, generator)])
-    latents = latents * models.vae.config.scaling_factor
+    """(total, instance) loss of one micro-batch: instance and class examples in ONE forward.
+    `subjects`: the subject of each instance example (`SubjectSchedule.batch`)."""
+    latents = draw_latents(batch_data, subjects, generator) * models.vae.config.scaling_factor
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(
         0, models.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator
     ).to(device)
     noisy = models.noise_scheduler.add_noise(latents, noise, timesteps)
 
-    if batch_data.instance_embeds is not None:
-        embeds = [batch_data.instance_embeds.expand(size, -1, -1)]
-        if batch_data.class_embeds is not None:
-            embeds.append(batch_data.class_embeds.expand(size, -1, -1))
-        encoder_states = torch.cat(embeds)
-    else:
-        ids = [batch_data.instance_ids.expand(size, -1)]
-        if batch_data.class_ids is not None:
-            ids.append(batch_data.class_ids.expand(size, -1))
-        encoder_states = text_encoder(torch.cat(ids).to(device))[0]
+    encoder_states = conditioning(batch_data, subjects, text_encoder, device)
 
     prediction = unet(noisy, timesteps, encoder_states).sample
     if models.noise_scheduler.config.prediction_type == "v_prediction":
         target = models.noise_scheduler.get_velocity(latents, noise, timesteps)
     else:
         target = noise
-    if batch_data.prior is None:
+    if not batch_data.prior:
         loss = F.mse_loss(prediction.float(), target.float())
         return loss, loss
     # Prior preservation (Ray's template, diffusers): the batch is [instance; class] -> chunk(2).

@@ -45,6 +45,12 @@ class WorkerJob:
     prior_prefix: str | None = None
     step_callbacks: tuple[StepCallback, ...] = ()
     tracking: TrackingSettings = field(default_factory=TrackingSettings)
+    additional_prior_prefixes: tuple[str, ...] = ()  # the prior set of each additional concept
+
+    @property
+    def prior_prefixes(self) -> tuple[str, ...]:
+        """Every subject's prior set, in the order of `job_spec.concepts` (empty without priors)."""
+        return (self.prior_prefix, *self.additional_prior_prefixes) if self.prior_prefix else ()
 
 
 class Runtime:

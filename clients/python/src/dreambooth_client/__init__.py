@@ -25,11 +25,13 @@ from dreambooth_client.errors import (
 )
 from dreambooth_client.messages import GeneratedImage, is_terminal, state_label
 from dreambooth_client.retry import RetryPolicy
+from dreambooth_client.training_spec import Concept
 
 __all__ = [
     "AlreadyExistsError",
     "AsyncDreamBoothClient",
     "CancelledError",
+    "Concept",
     "DataLossError",
     "DeadlineExceededError",
     "DreamBoothClient",

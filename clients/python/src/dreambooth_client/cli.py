@@ -2,6 +2,7 @@
 
     dreambooth upload photos/
     dreambooth train --base-model tiny-sd --dataset photos/ --instance-prompt "a photo of sks dog" --wait
+    dreambooth train ... --concept cat-photos/ zwx "a photo of zwx cat" "a photo of cat"   # 2 subjects
     dreambooth jobs list | get JOB | cancel JOB | watch JOB | delete JOB
     dreambooth jobs logs JOB --tensorboard DIR     then: tensorboard --logdir DIR
     dreambooth generate --model MODEL --prompt "a photo of sks dog on the moon" --n 4 --out out/
@@ -18,6 +19,7 @@ is an argparse error (exit 2); a server error is one line on stderr and exit 1.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -135,7 +137,9 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
         options: dict[str, Any] = {"dest": field.name, "default": None, "help": _flag_help(field)}
         if field.required:
             options["required"] = True
-        if field.type is bool:
+        if field.item is not None:
+            options.update(action=ConceptFlag, nargs="+", metavar=CONCEPT_METAVAR)
+        elif field.type is bool:
             options["action"] = "store_true"
         elif field.type is tuple:
             options["action"] = "append"
@@ -145,6 +149,25 @@ def add_spec_flags(parser: argparse.ArgumentParser) -> None:
             options["type"] = _spec_value(field)
             options["metavar"] = field.cli_flag.lstrip("-").upper().replace("-", "_")
         parser.add_argument(field.cli_flag, **options)
+
+
+CONCEPT_METAVAR = ("DATASET TOKEN INSTANCE_PROMPT", "CLASS_PROMPT")
+
+
+class ConceptFlag(argparse.Action):
+    """`--concept DATASET TOKEN INSTANCE_PROMPT [CLASS_PROMPT]`, repeatable: one more subject.
+    Separate words, so a prompt may hold any character (quote it as one word)."""
+
+    def __call__(
+        self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Any, option: Any = None
+    ) -> None:
+        if not 3 <= len(values) <= 4:
+            raise argparse.ArgumentError(
+                self, f"takes DATASET TOKEN INSTANCE_PROMPT [CLASS_PROMPT], got {len(values)} values"
+            )
+        dataset, token, instance_prompt, *class_prompt = values
+        concept = training_spec.Concept(dataset, instance_prompt, token, *class_prompt)
+        setattr(namespace, self.dest, [*(getattr(namespace, self.dest) or []), concept])
 
 
 def _spec_value(field: training_spec.SpecField) -> Callable[[str], Any]:
@@ -166,6 +189,8 @@ def _spec_value(field: training_spec.SpecField) -> Callable[[str], Any]:
 
 
 def _flag_help(field: training_spec.SpecField) -> str:
+    if field.item is not None:
+        return f"{field.help} (3 or 4 values; quote each prompt)"
     if field.required or field.type in (bool, tuple):
         return field.help
     shown = (repr(field.default) if field.default else "none") if field.type is str else f"{field.default:g}"
@@ -176,12 +201,15 @@ def _flag_help(field: training_spec.SpecField) -> str:
 
 
 def cmd_train(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
-    dataset = args.dataset
-    if not dataset.startswith("datasets/") and Path(dataset).exists():
-        dataset = upload(client, [dataset], output).name  # a local folder: upload it first
     fields = {field.name: getattr(args, field.name) for field in training_spec.FIELDS}
+    fields["dataset"] = uploaded(client, args.dataset, output)
+    if args.additional_concepts:
+        fields["additional_concepts"] = [
+            dataclasses.replace(concept, dataset=uploaded(client, concept.dataset, output))
+            for concept in args.additional_concepts
+        ]
     try:
-        spec = messages.build_training_spec(**{**fields, "dataset": dataset})
+        spec = messages.build_training_spec(**fields)
     except (TypeError, ValueError) as err:
         raise UsageError(str(err)) from err
     job = client.create_training_job(spec, request_id=args.request_id)
@@ -190,6 +218,13 @@ def cmd_train(client: DreamBoothClient, args: argparse.Namespace, output: Output
         output.message(job, lambda: [job.name])
         return 0
     return follow(client, job.name, 0, output, previews=args.previews)
+
+
+def uploaded(client: DreamBoothClient, dataset: str, output: Output) -> str:
+    """A dataset name as given, or a local folder's once it is uploaded."""
+    if not dataset.startswith("datasets/") and Path(dataset).exists():
+        return upload(client, [dataset], output).name
+    return dataset
 
 
 def follow(client: DreamBoothClient, job: str, after: int, output: Output, previews: str | None) -> int:

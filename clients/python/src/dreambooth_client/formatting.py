@@ -100,6 +100,11 @@ def job_details(job: trainer_pb2.TrainingJob) -> list[str]:
     ]
     if job.spec.with_prior_preservation:
         lines.append(f"class prompt:    {job.spec.class_prompt} ({job.spec.num_class_images} images)")
+    for concept in job.spec.additional_concepts:
+        text = f"{concept.dataset}  {concept.instance_prompt!r}"
+        if job.spec.with_prior_preservation:
+            text += f"  class {concept.class_prompt!r}"
+        lines.append(f"also subject:    {text}")
     if job.progress.total_steps:
         lines.append(f"progress:        {training_progress(job.progress)}")
     if job.checkpoint_step:

@@ -187,10 +187,52 @@ def build_training_spec(
             del result.validation_prompts[:]
             result.validation_prompts.extend(prompts)
             continue
+        if name == "additional_concepts":
+            del result.additional_concepts[:]
+            result.additional_concepts.extend(build_concepts(value))
+            continue
         try:
             setattr(result, name, value)
         except (TypeError, ValueError) as err:
             raise TypeError(f"training spec field {name!r}: {err}") from err
+    return result
+
+
+ConceptInput = Union[training_spec.Concept, trainer_pb2.TrainingConcept, Mapping[str, Any]]  # noqa: UP007
+
+
+def build_concepts(concepts: ConceptInput | Iterable[ConceptInput]) -> list[trainer_pb2.TrainingConcept]:
+    """`additional_concepts` as messages: `Concept`s, `TrainingConcept`s or dicts of its fields
+    (one, or several); a dataset may be an id, its name or a `Dataset`."""
+    if isinstance(concepts, (training_spec.Concept, trainer_pb2.TrainingConcept, Mapping)):
+        concepts = [concepts]
+    return [build_concept(concept) for concept in concepts]
+
+
+def build_concept(concept: ConceptInput) -> trainer_pb2.TrainingConcept:
+    if isinstance(concept, trainer_pb2.TrainingConcept):
+        values = {field.name: value for field, value in concept.ListFields()}
+    elif isinstance(concept, training_spec.Concept):
+        values = {field.name: getattr(concept, field.name) for field in training_spec.CONCEPT_FIELDS}
+    elif isinstance(concept, Mapping):
+        values = dict(concept)
+    else:
+        raise TypeError(f"additional_concepts: expected Concept objects, got {type(concept).__name__}")
+    known = set(trainer_pb2.TrainingConcept.DESCRIPTOR.fields_by_name)
+    result = trainer_pb2.TrainingConcept()
+    for name, value in values.items():
+        if name not in known:
+            raise TypeError(
+                f"unknown training concept field {name!r}; expected one of {', '.join(sorted(known))}"
+            )
+        if value is None:
+            continue
+        if name == "dataset":
+            value = dataset_name(value)
+        try:
+            setattr(result, name, value)
+        except (TypeError, ValueError) as err:
+            raise TypeError(f"training concept field {name!r}: {err}") from err
     return result
 
 

@@ -6,6 +6,10 @@ LoRA), its bounds and its help. Everything else is derived from this table: the 
 `dreambooth train` flags with their help. Cross-field rules (a class prompt with prior
 preservation, warm-up only with a schedule that has one, ...) live in the trainer's validation.
 
+One repeated message, `additional_concepts` (more subjects in one job), is a row whose `item` is
+the dataclass of its items (`Concept`); that class's own rows (`CONCEPT_FIELDS`) are checked
+like the spec's, each error naming the item (`spec.additional_concepts[1].instance_prompt`).
+
 One convention for "unset", for every field: proto3 `optional` presence (enums included). An
 unset field takes its default; a value that is set and not allowed is refused naming the field,
 never replaced by the default. Adding a hyper-parameter end to end: the proto field, one row here,
@@ -18,7 +22,7 @@ services import it from there.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 from dreambooth.v1 import trainer_pb2
 
@@ -41,7 +45,7 @@ _SAME = object()  # lora_default: the same as `default`
 @dataclass(frozen=True)
 class SpecField:
     name: str  # the TrainingJobSpec field
-    type: type  # int, float, bool, str, or tuple (repeated strings)
+    type: type  # int, float, bool, str, or tuple (repeated: strings, or `item`s)
     default: Any  # the resolved value when unset (see `derived` for fields resolved from others)
     help: str
     flag: str = ""  # the CLI flag; "" = --name-with-dashes
@@ -55,6 +59,7 @@ class SpecField:
     pattern: str = ""  # a regular expression the whole value must match
     required: bool = False
     prompt: bool = False  # free text: stripped, at most the server's max_prompt_chars
+    item: type | None = None  # a repeated message: the dataclass of its items (rows: item.FIELDS)
 
     @property
     def cli_flag(self) -> str:
@@ -62,6 +67,50 @@ class SpecField:
 
     def default_for(self, use_lora: bool) -> Any:
         return self.default if self.lora_default is _SAME or not use_lora else self.lora_default
+
+
+# The fields of one TrainingConcept (an additional subject); the spec's own dataset, prompts and
+# identifier token are the first subject's.
+CONCEPT_FIELDS: tuple[SpecField, ...] = (
+    SpecField("dataset", str, "", "datasets/SHA256 of this subject's images", required=True),
+    SpecField(
+        "instance_prompt",
+        str,
+        "",
+        'prompt naming this subject with its own identifier token, e.g. "a photo of zwx cat"',
+        required=True,
+        prompt=True,
+    ),
+    SpecField(
+        "identifier_token",
+        str,
+        "",
+        "rare word naming this subject, unlike every other subject's (one word, at most 64 characters)",
+        required=True,
+        pattern=r"\S{1,64}",
+    ),
+    SpecField(
+        "class_prompt",
+        str,
+        "",
+        'this subject\'s class for prior preservation, e.g. "a photo of cat"',
+        prompt=True,
+    ),
+)
+
+
+@dataclass(frozen=True)
+class Concept:
+    """One more subject of a multi-subject job (a `TrainingConcept`), e.g.
+    `Concept("datasets/...", "a photo of zwx cat", "zwx", "a photo of cat")`. The SDK takes these
+    in `additional_concepts`; the trainer keeps them, validated, in its JobSpec."""
+
+    FIELDS: ClassVar[tuple[SpecField, ...]] = CONCEPT_FIELDS
+
+    dataset: str
+    instance_prompt: str
+    identifier_token: str
+    class_prompt: str = ""
 
 
 FIELDS: tuple[SpecField, ...] = (
@@ -221,6 +270,17 @@ FIELDS: tuple[SpecField, ...] = (
     SpecField("num_workers", int, 1, "Ray Train workers", flag="--workers", low=1, high="max_workers"),
     SpecField("use_gpu", bool, False, "one GPU per worker", flag="--gpu"),
     SpecField("model_id", str, "", "id of the published model", derived="the job id"),
+    SpecField(
+        "additional_concepts",
+        tuple,
+        (),
+        "another subject trained in the same job (repeatable): its images (a dataset or a local "
+        "folder), its own identifier token, its instance prompt and, with prior preservation, its "
+        "class prompt",
+        flag="--concept",
+        high="max_additional_concepts",
+        item=Concept,
+    ),
 )
 
 FIELDS_BY_NAME = {field.name: field for field in FIELDS}
