@@ -17,6 +17,7 @@ from dreambooth_client.training_spec import (
     LR_SCHEDULES,
     MIXED_PRECISIONS,
     SpecField,
+    derived_model_id,
 )
 
 __all__ = [
@@ -27,6 +28,7 @@ __all__ = [
     "JobSpec",
     "SpecField",
     "SpecRequest",
+    "derived_model_id",
 ]
 
 
