@@ -225,26 +225,7 @@ class Workbench:
 
     def sample(self, model_id: str, prompt: str, count: int, seed: int = 0) -> list[np.ndarray]:
         """`count` images of `prompt` (image i from seed + i), as uint8 arrays."""
-        sampling = self.sampling
-        spec = PriorSpec(
-            model_id=model_id,
-            class_prompt=prompt,
-            negative_prompt="",
-            num_images=count,
-            resolution=RESOLUTION,
-            steps=sampling.steps,
-            guidance_scale=sampling.guidance_scale,
-            scheduler=sampling.scheduler,
-            seed=seed,
-        )
-        renderer = SetRenderer(self.pipeline(model_id), spec, RENDER_WIDTH, threading.Event())
-        images: list[np.ndarray] = []
-        for start in range(0, count, RENDER_WIDTH):
-            batch = list(range(start, min(count, start + RENDER_WIDTH)))
-            images += [
-                np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in renderer.render(batch)
-            ]
-        return images
+        return sample_images(self.pipeline(model_id), prompt, count, seed, self.sampling, model_id)
 
     def pipeline(self, model_id: str) -> Any:
         """The model's pipeline (a LoRA model: the base with its adapters loaded); the last few kept."""
@@ -261,6 +242,38 @@ class Workbench:
                 self._pipelines.pop(next(iter(self._pipelines)))
             self._pipelines[model_id] = pipe
         return self._pipelines[model_id]
+
+
+def sample_images(
+    pipe: Any,
+    prompt: str,
+    count: int,
+    seed: int,
+    sampling: Sampling,
+    model_id: str = "",
+    width: int = RENDER_WIDTH,
+) -> list[np.ndarray]:
+    """`count` images of `prompt` from a loaded pipeline (image i from seed + i), as uint8 arrays:
+    how every image of the benchmark is made. `width` slots per denoising call: the benchmark's
+    images are made at RENDER_WIDTH; another width gives the same images up to float rounding
+    (services/priorgen/render.py) at its own cost."""
+    spec = PriorSpec(
+        model_id=model_id,
+        class_prompt=prompt,
+        negative_prompt="",
+        num_images=count,
+        resolution=RESOLUTION,
+        steps=sampling.steps,
+        guidance_scale=sampling.guidance_scale,
+        scheduler=sampling.scheduler,
+        seed=seed,
+    )
+    renderer = SetRenderer(pipe, spec, width, threading.Event())
+    images: list[np.ndarray] = []
+    for start in range(0, count, width):
+        batch = list(range(start, min(count, start + width)))
+        images += [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in renderer.render(batch)]
+    return images
 
 
 def _png(image: Image.Image) -> bytes:

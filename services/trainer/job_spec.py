@@ -21,6 +21,7 @@ from dreambooth_client.training_spec import (
     MIXED_PRECISIONS,
     Concept,
     SpecField,
+    derived_model_id,
 )
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "SpecField",
     "SpecRequest",
     "concepts",
+    "derived_model_id",
 ]
 
 

@@ -31,7 +31,7 @@ from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArg
 from services.common.namespaced_store import scoped_store
 from services.common.object_store import ObjectStore
 from services.common.tenancy import namespace_of
-from services.trainer.job_spec import JobSpec
+from services.trainer.job_spec import JobSpec, derived_model_id
 
 log = logging.getLogger(__name__)
 
@@ -236,7 +236,7 @@ class JobRepository:
                 job_id = new_job_id()
             now = self._clock()
             if not spec.model_id:
-                spec = dataclasses.replace(spec, model_id=f"job-{job_id}")
+                spec = dataclasses.replace(spec, model_id=derived_model_id(job_id))
             job = Job(
                 job_id=job_id,
                 spec=spec,

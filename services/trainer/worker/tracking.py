@@ -20,6 +20,7 @@ nothing.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import tempfile
@@ -93,7 +94,11 @@ def spec_hparams(job: WorkerJob) -> dict[str, Any]:
     """The resolved spec as hparams values (TensorBoard takes numbers, strings and booleans)."""
     values: dict[str, Any] = {}
     for name, value in job.spec.to_json().items():
-        values[name] = " | ".join(value) if isinstance(value, list | tuple) else value
+        if isinstance(value, list | tuple):  # prompts, or the additional concepts (as JSON objects)
+            value = " | ".join(
+                item if isinstance(item, str) else json.dumps(item, sort_keys=True) for item in value
+            )
+        values[name] = value
     return values
 
 

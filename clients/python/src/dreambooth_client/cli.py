@@ -3,7 +3,8 @@
     dreambooth upload photos/
     dreambooth train --base-model tiny-sd --dataset photos/ --instance-prompt "a photo of sks dog" --wait
     dreambooth train ... --concept cat-photos/ zwx "a photo of zwx cat" "a photo of cat"   # 2 subjects
-    dreambooth jobs list | get JOB | cancel JOB | watch JOB | delete JOB
+    dreambooth train --config job.toml --steps 800 [--sweep learning_rate=1e-4,2e-4 ...]
+    dreambooth jobs list | get JOB [--as-config FILE] | cancel JOB | watch JOB | delete JOB
     dreambooth jobs logs JOB --tensorboard DIR     then: tensorboard --logdir DIR
     dreambooth generate --model MODEL --prompt "a photo of sks dog on the moon" --n 4 --out out/
     dreambooth models list | get MODEL | delete MODEL | export MODEL --out DIR
@@ -19,6 +20,7 @@ is an argparse error (exit 2); a server error is one line on stderr and exit 1.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -32,7 +34,16 @@ from dreambooth.v1 import common_pb2, inference_pb2, trainer_pb2
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from dreambooth_client import formatting, messages, training_spec, vocabulary
+from dreambooth_client import (
+    formatting,
+    jobfile,
+    messages,
+    spec_values,
+    sweep,
+    toybench_scores,
+    training_spec,
+    vocabulary,
+)
 from dreambooth_client.channels import (
     API_KEY_ENV,
     DEFAULT_INFERENCE,
@@ -132,15 +143,15 @@ def upload(client: DreamBoothClient, paths: Sequence[str], output: Output) -> tr
 
 
 def add_spec_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per row of the spec table; every default is None = not sent = the server's."""
+    """One flag per row of the spec table; every default is None = not given = the job file's
+    value, else the server's. Booleans have a --no- form, to turn off what a job file turns on.
+    Required rows are checked after the job file is merged in (see train_values)."""
     for field in training_spec.FIELDS:
         options: dict[str, Any] = {"dest": field.name, "default": None, "help": _flag_help(field)}
-        if field.required:
-            options["required"] = True
         if field.item is not None:
             options.update(action=ConceptFlag, nargs="+", metavar=CONCEPT_METAVAR)
         elif field.type is bool:
-            options["action"] = "store_true"
+            options["action"] = argparse.BooleanOptionalAction
         elif field.type is tuple:
             options["action"] = "append"
         elif field.choices:
@@ -171,20 +182,16 @@ class ConceptFlag(argparse.Action):
 
 
 def _spec_value(field: training_spec.SpecField) -> Callable[[str], Any]:
-    """The row's type, checked against its numeric bounds here (bounds named after server limits
-    are the server's to check)."""
+    """The row's type, checked as spec_values checks it (bounds named after server limits are
+    the server's to check)."""
 
     def parse(text: str) -> Any:
-        value = field.type(text)
-        low = field.low if isinstance(field.low, int | float) else None
-        high = field.high if isinstance(field.high, int | float) else None
-        too_low = low is not None and (value <= low if field.low_exclusive else value < low)
-        if too_low or (high is not None and value > high):
-            shown = f"{'>' if field.low_exclusive else ''}{low if low is not None else ''}..{high or ''}"
-            raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
-        return value
+        try:
+            return spec_values.parse_text(field, text)
+        except spec_values.SpecValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
-    parse.__name__ = field.type.__name__  # argparse names the type in "invalid int value" errors
+    parse.__name__ = field.type.__name__
     return parse
 
 
@@ -201,18 +208,12 @@ def _flag_help(field: training_spec.SpecField) -> str:
 
 
 def cmd_train(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
-    fields = {field.name: getattr(args, field.name) for field in training_spec.FIELDS}
-    fields["dataset"] = uploaded(client, args.dataset, output)
-    if args.additional_concepts:
-        fields["additional_concepts"] = [
-            dataclasses.replace(concept, dataset=uploaded(client, concept.dataset, output))
-            for concept in args.additional_concepts
-        ]
-    try:
-        spec = messages.build_training_spec(**fields)
-    except (TypeError, ValueError) as err:
-        raise UsageError(str(err)) from err
-    job = client.create_training_job(spec, request_id=args.request_id)
+    job_file = jobfile.read_job_file(args.config) if args.config else None
+    axes = sweep.parse_axes(args.sweep or [])
+    values = train_values(args, job_file, axes)
+    if axes or args.toybench_subject:
+        return train_sweep(client, args, values, axes, output)
+    job = client.create_training_job(build_spec(client, values, output), request_id=args.request_id)
     output.note(f"created {job.name} ({messages.state_label(job.state)})")
     if not args.wait:
         output.message(job, lambda: [job.name])
@@ -220,11 +221,114 @@ def cmd_train(client: DreamBoothClient, args: argparse.Namespace, output: Output
     return follow(client, job.name, 0, output, previews=args.previews)
 
 
-def uploaded(client: DreamBoothClient, dataset: str, output: Output) -> str:
-    """A dataset name as given, or a local folder's once it is uploaded."""
-    if not dataset.startswith("datasets/") and Path(dataset).exists():
-        return upload(client, [dataset], output).name
-    return dataset
+def train_values(
+    args: argparse.Namespace, job_file: jobfile.JobFile | None, axes: Sequence[sweep.Axis]
+) -> dict[str, Any]:
+    """The spec's values by table name: the job file's, then the flags actually given over them.
+    A relative `dataset` path in the file is made absolute against the file's folder."""
+    values: dict[str, Any] = dict(job_file.values) if job_file else {}
+    flags = {field.name: getattr(args, field.name) for field in training_spec.FIELDS}
+    given = {name: value for name, value in flags.items() if value is not None}
+    if job_file and isinstance(values.get("dataset"), str) and "dataset" not in given:
+        values["dataset"] = _file_dataset(job_file, values["dataset"])
+    if job_file and values.get("additional_concepts") and "additional_concepts" not in given:
+        values["additional_concepts"] = [
+            {**concept, "dataset": _file_dataset(job_file, concept["dataset"])}
+            if isinstance(concept, dict) and isinstance(concept.get("dataset"), str)
+            else concept
+            for concept in values["additional_concepts"]
+        ]
+    values.update(given)
+    swept = {axis.name for axis in axes}
+    for name in swept & set(given):
+        flag = training_spec.FIELDS_BY_NAME[name].cli_flag
+        raise sweep.SweepError(f"--sweep {name}: also given as {flag}; give one or the other")
+    missing = [
+        field.cli_flag
+        for field in training_spec.FIELDS
+        if field.required and field.name not in swept and values.get(field.name) in (None, "")
+    ]
+    if missing:
+        where = " (as flags or in the --config file)" if job_file else ""
+        raise UsageError(f"the following arguments are required: {', '.join(missing)}{where}")
+    return values
+
+
+def _file_dataset(job_file: jobfile.JobFile, value: str) -> str:
+    """A folder or file named in a job file is relative to the file; anything else is a name."""
+    if value.startswith("datasets/"):
+        return value
+    path = job_file.folder / value
+    if path.exists():
+        return str(path)
+    if "/" in value or os.sep in value or value.startswith("."):
+        raise UsageError(f"{job_file.path}: dataset: no such folder {path}")
+    return value
+
+
+def build_spec(
+    client: DreamBoothClient,
+    values: dict[str, Any],
+    output: Output,
+    uploaded: dict[str, str] | None = None,
+) -> trainer_pb2.TrainingJobSpec:
+    """The spec to send; a local folder as the dataset is uploaded first (once per folder)."""
+    uploaded = {} if uploaded is None else uploaded
+
+    def local(dataset: Any) -> Any:
+        if isinstance(dataset, str) and not dataset.startswith("datasets/") and Path(dataset).exists():
+            if dataset not in uploaded:
+                uploaded[dataset] = upload(client, [dataset], output).name
+            return uploaded[dataset]
+        return dataset
+
+    values = {**values, "dataset": local(values.get("dataset"))}
+    if values.get("additional_concepts"):
+        values["additional_concepts"] = [
+            dataclasses.replace(concept, dataset=local(concept.dataset))
+            if isinstance(concept, training_spec.Concept)
+            else {**concept, "dataset": local(concept.get("dataset"))}
+            for concept in values["additional_concepts"]
+        ]
+    try:
+        return messages.build_training_spec(**values)
+    except (TypeError, ValueError) as err:
+        raise UsageError(str(err)) from err
+
+
+def train_sweep(
+    client: DreamBoothClient,
+    args: argparse.Namespace,
+    values: dict[str, Any],
+    axes: list[sweep.Axis],
+    output: Output,
+) -> int:
+    """One job per grid point; wait for all; a table of their results (and ToyBench scores)."""
+    points = sweep.grid(axes)
+    swept = {axis.name for axis in axes}
+    if len(points) > 1 and values.get("model_id") and "model_id" not in swept:
+        raise sweep.SweepError(
+            "model_id names one model and a sweep publishes one per point: leave it out "
+            "(each model is then named after its job) or sweep it"
+        )
+    if args.previews:
+        raise UsageError("--previews saves one job's previews: leave it out of a sweep")
+    scorer = None
+    if args.toybench_subject:
+        scorer = toybench_scores.load_scorer(args.toybench_subject, args.toybench_images)
+    uploaded: dict[str, str] = {}
+    specs = [(point, build_spec(client, {**values, **point}, output, uploaded)) for point in points]
+    with contextlib.ExitStack() as stack:
+        exporting = stack.enter_context(toybench_scores.ExportingScorer(client, scorer)) if scorer else None
+        runs = sweep.run(client, specs, request_id=args.request_id, note=output.note, scorer=exporting)
+    columns = toybench_scores.columns() if scorer else ()
+    if output.as_json:
+        print(json.dumps(sweep.records(runs)), file=output.out, flush=True)
+    else:
+        output.lines(formatting.table(*sweep.table_rows(runs, [axis.name for axis in axes], columns)))
+    for line in sweep.errors(runs):
+        output.note(f"error: {line}")
+    return 0 if all(point.succeeded for point in runs) else 1
 
 
 def follow(client: DreamBoothClient, job: str, after: int, output: Output, previews: str | None) -> int:
@@ -278,8 +382,19 @@ def cmd_jobs_list(client: DreamBoothClient, args: argparse.Namespace, output: Ou
 
 
 def cmd_jobs_get(client: DreamBoothClient, args: argparse.Namespace, output: Output) -> int:
+    target = args.as_config
+    if target and target != "-" and Path(target).suffix.lower() != ".toml":
+        raise UsageError(f"--as-config writes TOML: name the file *.toml, got {target}")
     job = client.get_training_job(args.job)
-    output.message(job, lambda: formatting.job_details(job))
+    if not target:
+        output.message(job, lambda: formatting.job_details(job))
+        return 0
+    text = jobfile.job_file_text(job)
+    if target == "-":
+        print(text, end="", file=output.out, flush=True)
+    else:
+        Path(target).write_text(text, encoding="utf-8")
+        output.note(f"wrote {target}: `dreambooth train --config {target}` runs {job.name} again")
     return 0
 
 
@@ -450,11 +565,38 @@ def build_parser() -> argparse.ArgumentParser:
     upload_p.add_argument("paths", nargs="+", metavar="DIR|FILE")
     upload_p.set_defaults(handler=cmd_upload)
 
-    train = commands.add_parser("train", help="create a training job")
+    train = commands.add_parser("train", help="create a training job (or a sweep of them)")
+    train.add_argument(
+        "--config",
+        default=None,
+        metavar="FILE",
+        help="job file (.toml, or .yaml/.yml with PyYAML): spec fields by name; flags given override it",
+    )
     add_spec_flags(train)
-    train.add_argument("--request-id", default=None, help="idempotency key (default: a fresh uuid)")
+    train.add_argument(
+        "--request-id", default=None, help="idempotency key (default: a fresh uuid; a sweep's point i: ID-i)"
+    )
     train.add_argument("--wait", action="store_true", help="watch the job until it ends")
     train.add_argument("--previews", default=None, metavar="DIR", help="with --wait: save previews here")
+    train.add_argument(
+        "--sweep",
+        action="append",
+        metavar="FIELD=V1,V2",
+        help="a job per value (repeat for a grid: every combination); waits and prints a table",
+    )
+    train.add_argument(
+        "--toybench-subject",
+        default=None,
+        metavar="NAME",
+        help="score each model with ToyBench on this held-out toy-world subject (needs toybench)",
+    )
+    train.add_argument(
+        "--toybench-images",
+        type=positive_int,
+        default=2,
+        metavar="N",
+        help="ToyBench images per prompt (4N of the class prompt; default 2)",
+    )
     train.set_defaults(handler=cmd_train)
 
     jobs = commands.add_parser("jobs", help="list, inspect, cancel and watch training jobs")
@@ -475,6 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
         if action == "watch":
             sub.add_argument("--after", type=int, default=0, help="skip events up to this sequence number")
             sub.add_argument("--previews", default=None, metavar="DIR", help="save validation previews")
+        if action == "get":
+            sub.add_argument(
+                "--as-config",
+                default=None,
+                metavar="FILE",
+                help="write the job's spec as a TOML job file for train --config (- for stdout)",
+            )
     jobs_logs = job_commands.add_parser(
         "logs", help="download a job's training logs (TensorBoard event files: loss, lr, previews, hparams)"
     )

@@ -10,12 +10,15 @@ range checks are left to the server, which owns the limits.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, Union
 
 from dreambooth.v1 import common_pb2, inference_pb2, trainer_pb2
+from google.protobuf.descriptor import EnumDescriptor, FieldDescriptor
+from google.protobuf.message import Message
 
 from dreambooth_client import training_spec
 
@@ -80,13 +83,15 @@ def resource_id(name: str) -> str:
 
 
 def _parse_enum(enum: Any, prefix: str, value: Any, what: str) -> int:
-    """None/"" -> 0 (unspecified); an int that is a member; a member name with or without prefix."""
+    """None/"" -> 0 (unspecified); an int that is a member; a member name with or without prefix.
+    `enum` is a generated enum or its EnumDescriptor."""
+    descriptor = getattr(enum, "DESCRIPTOR", enum)
     if value is None or value == "":
         return 0
     if isinstance(value, bool):
         raise TypeError(f"{what}: expected a name or a number, got {value!r}")
     if isinstance(value, int):
-        if value not in enum.values():
+        if value not in descriptor.values_by_number:
             raise ValueError(f"{what}: unknown value {value}")
         return value
     if not isinstance(value, str):
@@ -94,15 +99,15 @@ def _parse_enum(enum: Any, prefix: str, value: Any, what: str) -> int:
     key = value.strip().upper().replace("-", "_")
     if not key.startswith(prefix):
         key = prefix + key
-    if key.endswith("_UNSPECIFIED") or key not in enum.DESCRIPTOR.values_by_name:
+    if key.endswith("_UNSPECIFIED") or key not in descriptor.values_by_name:
         choices = ", ".join(enum_choices(enum, prefix))
         raise ValueError(f"{what}: unknown value {value!r}; choose from {choices}")
-    return int(enum.Value(key))
+    return int(descriptor.values_by_name[key].number)
 
 
 def enum_choices(enum: Any, prefix: str) -> list[str]:
     """Lower-case member names without the prefix, `_UNSPECIFIED` left out (for help texts)."""
-    names = enum.keys()  # in number order
+    names = [value.name for value in getattr(enum, "DESCRIPTOR", enum).values]  # in number order
     return [name[len(prefix) :].lower() for name in names if not name.endswith("_UNSPECIFIED")]
 
 
@@ -124,16 +129,21 @@ def parse_image_format(value: Any) -> int:
     return _parse_enum(common_pb2.ImageFormat, "IMAGE_FORMAT_", value, "output_format")
 
 
+def enum_prefix(enum: EnumDescriptor) -> str:
+    """`LrSchedule` -> `LR_SCHEDULE_`: what every value name of a proto enum starts with."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", enum.name).upper() + "_"
+
+
+def enum_field_name(descriptor: FieldDescriptor, number: int) -> str:
+    """The short lower-case name of an enum field's value (`LR_SCHEDULE_COSINE` -> "cosine")."""
+    value = descriptor.enum_type.values_by_number.get(number)
+    if value is None:
+        raise ValueError(f"{descriptor.name}: unknown value {number}")
+    return value.name.removeprefix(enum_prefix(descriptor.enum_type)).lower()
+
+
 def parse_job_state(value: Any) -> int:
     return _parse_enum(trainer_pb2.TrainingJobState, "TRAINING_JOB_STATE_", value, "state")
-
-
-def parse_lr_schedule(value: Any) -> int:
-    return _parse_enum(trainer_pb2.LrSchedule, "LR_SCHEDULE_", value, "lr_schedule")
-
-
-def parse_mixed_precision(value: Any) -> int:
-    return _parse_enum(trainer_pb2.MixedPrecision, "MIXED_PRECISION_", value, "mixed_precision")
 
 
 def state_label(state: int) -> str:
@@ -153,8 +163,7 @@ def is_terminal(state: int) -> bool:
 _SPEC_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "base_model": model_name,
     "dataset": dataset_name,
-    "lr_schedule": parse_lr_schedule,
-    "mixed_precision": parse_mixed_precision,
+    "additional_concepts": lambda concepts: build_concepts(concepts),  # defined below
 }
 
 
@@ -173,7 +182,7 @@ def build_training_spec(
     elif spec is not None:
         values.update(spec)
     values.update(fields)
-    known = set(trainer_pb2.TrainingJobSpec.DESCRIPTOR.fields_by_name)
+    known = result.DESCRIPTOR.fields_by_name
     for key, value in values.items():
         name = SPEC_ALIASES.get(key, key)
         if name not in known:
@@ -182,20 +191,63 @@ def build_training_spec(
             continue
         if name in _SPEC_CONVERTERS:
             value = _SPEC_CONVERTERS[name](value)
-        if name == "validation_prompts":
-            prompts = [value] if isinstance(value, str) else list(value)
-            del result.validation_prompts[:]
-            result.validation_prompts.extend(prompts)
-            continue
-        if name == "additional_concepts":
-            del result.additional_concepts[:]
-            result.additional_concepts.extend(build_concepts(value))
-            continue
-        try:
-            setattr(result, name, value)
-        except (TypeError, ValueError) as err:
-            raise TypeError(f"training spec field {name!r}: {err}") from err
+        _set_field(result, known[name], value, f"training spec field {name!r}")
     return result
+
+
+def fill_message(message: Message, values: Mapping[str, Any], where: str) -> Message:
+    """Set `message`'s fields from a mapping of field names to plain values (enums by short name,
+    nested messages as mappings, repeated fields as lists): how a table of a job file becomes a
+    message. An unknown key raises TypeError naming `where`."""
+    fields = message.DESCRIPTOR.fields_by_name
+    for key, value in values.items():
+        if key not in fields:
+            raise TypeError(f"{where}: unknown field {key!r}")
+        if value is not None:
+            _set_field(message, fields[key], value, f"{where}.{key}")
+    return message
+
+
+def _set_field(message: Message, descriptor: FieldDescriptor, value: Any, where: str) -> None:
+    """One field, by its descriptor: a repeated field is replaced by the list given (a single
+    string or mapping counts as a list of one)."""
+    if not descriptor.is_repeated:
+        if descriptor.message_type is not None:
+            _set_message(getattr(message, descriptor.name), value, where)
+        else:
+            _checked(setattr, message, descriptor.name, _scalar(descriptor, value, where), where=where)
+        return
+    items = [value] if isinstance(value, str | Mapping | Message) else list(value)
+    container = getattr(message, descriptor.name)
+    del container[:]
+    for index, item in enumerate(items):
+        if descriptor.message_type is not None:
+            _set_message(container.add(), item, f"{where}[{index}]")
+        else:
+            _checked(container.append, _scalar(descriptor, item, f"{where}[{index}]"), where=where)
+
+
+def _set_message(target: Message, value: Any, where: str) -> None:
+    if isinstance(value, Message):
+        _checked(target.CopyFrom, value, where=where)
+    elif isinstance(value, Mapping):
+        fill_message(target, value, where)
+    else:
+        raise TypeError(f"{where}: expected a table of fields, got {value!r}")
+
+
+def _scalar(descriptor: FieldDescriptor, value: Any, where: str) -> Any:
+    if descriptor.enum_type is None:
+        return value
+    return _parse_enum(descriptor.enum_type, enum_prefix(descriptor.enum_type), value, where)
+
+
+def _checked(setter: Callable[..., Any], *args: Any, where: str) -> None:
+    """protobuf's own type errors, named after the field."""
+    try:
+        setter(*args)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{where}: {err}") from err
 
 
 ConceptInput = Union[training_spec.Concept, trainer_pb2.TrainingConcept, Mapping[str, Any]]  # noqa: UP007

@@ -269,7 +269,7 @@ FIELDS: tuple[SpecField, ...] = (
     SpecField("lora_rank", int, 4, "LoRA rank", low=1, high="max_lora_rank"),
     SpecField("num_workers", int, 1, "Ray Train workers", flag="--workers", low=1, high="max_workers"),
     SpecField("use_gpu", bool, False, "one GPU per worker", flag="--gpu"),
-    SpecField("model_id", str, "", "id of the published model", derived="the job id"),
+    SpecField("model_id", str, "", "id of the published model", derived="job-JOBID"),
     SpecField(
         "additional_concepts",
         tuple,
@@ -284,3 +284,8 @@ FIELDS: tuple[SpecField, ...] = (
 )
 
 FIELDS_BY_NAME = {field.name: field for field in FIELDS}
+
+
+def derived_model_id(job_id: str) -> str:
+    """The published model's id when the spec names none."""
+    return f"job-{job_id}"
