@@ -154,8 +154,10 @@ def _spec_value(field: training_spec.SpecField) -> Callable[[str], Any]:
         low = field.low if isinstance(field.low, int | float) else None
         high = field.high if isinstance(field.high, int | float) else None
         too_low = low is not None and (value <= low if field.low_exclusive else value < low)
-        if too_low or (high is not None and value > high):
-            shown = f"{'>' if field.low_exclusive else ''}{low if low is not None else ''}..{high or ''}"
+        too_high = high is not None and (value >= high if field.high_exclusive else value > high)
+        if too_low or too_high:
+            shown = f"{'>' if field.low_exclusive else ''}{low if low is not None else ''}.."
+            shown += f"{'<' if field.high_exclusive else ''}{high or ''}"
             raise argparse.ArgumentTypeError(f"must be in {shown}, got {text}")
         return value
 

@@ -136,6 +136,10 @@ def parse_mixed_precision(value: Any) -> int:
     return _parse_enum(trainer_pb2.MixedPrecision, "MIXED_PRECISION_", value, "mixed_precision")
 
 
+def parse_optimizer(value: Any) -> int:
+    return _parse_enum(trainer_pb2.Optimizer, "OPTIMIZER_", value, "optimizer")
+
+
 def state_label(state: int) -> str:
     return enum_label(trainer_pb2.TrainingJobState, "TRAINING_JOB_STATE_", state)
 
@@ -155,6 +159,7 @@ _SPEC_CONVERTERS: dict[str, Callable[[Any], Any]] = {
     "dataset": dataset_name,
     "lr_schedule": parse_lr_schedule,
     "mixed_precision": parse_mixed_precision,
+    "optimizer": parse_optimizer,
 }
 
 
