@@ -10,7 +10,8 @@ loop and prior-generation core (toybench.dreambooth), then sampled on ToyBench's
 classes), `--images-per-prompt` images each. Rows: the real photos (upper bound), the base model
 (lower bound: it has never seen the subject), then one row per recipe. Each figure is the mean
 over subjects x seeds; `spread` is their standard deviation. `--quick` (one subject, one image
-per prompt: the same keys, a smoke run, not figures to quote) is run by `make test`.
+per prompt, the core recipes unless --recipes says otherwise: the same keys, a smoke run, not
+figures to quote) is run by `make test`.
 
 The last line is one JSON object: subject_fidelity_ratio (DreamBooth with priors / real photos),
 prompt_fidelity (background accuracy of the recontextualised prompts), class_accuracy_drop and
@@ -33,7 +34,7 @@ import torch
 from toybench.dreambooth import BASE_MODEL_ID, Workbench
 from toybench.evalnet import embed, load_evalnet
 from toybench.evaluation import score_model, score_real_photos
-from toybench.recipes import DREAMBOOTH, LORA, NO_PRIOR, RECIPES
+from toybench.recipes import CORE, DREAMBOOTH, LORA, NO_PRIOR, RECIPES
 from toyworld import HELD_OUT_SUBJECTS, subject
 
 DEFAULT_BASE = Path(__file__).resolve().parent.parent / "models" / "toy-world-base"
@@ -44,7 +45,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the toy-world base model folder")
     parser.add_argument("--subjects", help="comma-separated held-out subjects (default: all)")
-    parser.add_argument("--recipes", help=f"comma-separated recipes (default: {','.join(RECIPES)})")
+    parser.add_argument(
+        "--recipes",
+        help=f"comma-separated recipes (default: {','.join(RECIPES)}; "
+        f"--quick: {','.join(recipe.name for recipe in CORE)})",
+    )
     parser.add_argument("--train-seeds", type=int, default=1, help="fine-tunes per subject and recipe")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--class-images", type=int, default=16, help="images of the class prompt")
@@ -59,7 +64,13 @@ def main(argv: list[str] | None = None) -> int:
     subjects = (
         [subject(name) for name in args.subjects.split(",")] if args.subjects else list(HELD_OUT_SUBJECTS)
     )
-    recipes = [RECIPES[name] for name in args.recipes.split(",")] if args.recipes else list(RECIPES.values())
+    if args.recipes:
+        unknown = [name for name in args.recipes.split(",") if name not in RECIPES]
+        if unknown:
+            parser.error(f"unknown recipes {', '.join(unknown)}; choose from {', '.join(RECIPES)}")
+        recipes = [RECIPES[name] for name in args.recipes.split(",")]
+    else:
+        recipes = list(CORE) if args.quick else list(RECIPES.values())
     for needed in (DREAMBOOTH, NO_PRIOR, LORA):
         if needed not in recipes:
             parser.error(f"the summary needs the recipe {needed.name!r}")
