@@ -44,8 +44,9 @@ def _optimizer(spec: JobSpec, groups: list[dict[str, Any]]) -> Any:
         from prodigyopt import Prodigy
 
         # The group "lr" scales Prodigy's own step-size estimate `d`. Decoupled weight decay and
-        # bias correction as diffusers' DreamBooth scripts default to; the warm-up safeguard (which
-        # slows the estimate's growth) only with a warm-up, as Prodigy's authors advise.
+        # bias correction as its authors advise for diffusion models. Their warm-up safeguard only
+        # with a warm-up: without one it held d near its start for the whole of a short run
+        # (tiny model, LoRA: d 1e-6 -> 1.4e-6 in 40 steps, against 2.3e-5 by step 28 without it).
         return Prodigy(
             groups,
             **adam,
