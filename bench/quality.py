@@ -62,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", type=Path, default=DEFAULT_BASE, help="the toy-world base model folder")
     parser.add_argument("--subjects", help="comma-separated held-out subjects (default: all)")
-    parser.add_argument("--recipes", help=f"comma-separated recipes (default: {','.join(RECIPES)})")
+    parser.add_argument(
+        "--recipes",
+        help=f"comma-separated recipes (default: {','.join(RECIPES)}; "
+        f"--quick: {','.join(recipe.name for recipe in SUMMARY_RECIPES)})",
+    )
     parser.add_argument("--train-seeds", type=int, default=1, help="fine-tunes per subject and recipe")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--class-images", type=int, default=16, help="images of the class prompt")

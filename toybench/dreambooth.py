@@ -73,6 +73,11 @@ class Recipe:
     use_lora: bool = False
     lora_rank: int = 8
     train_batch_size: int = 2
+    snr_gamma: float = 0.0
+    noise_offset: float = 0.0
+    ema_decay: float = 0.0
+    optimizer: str = "adamw"
+    use_dora: bool = False
 
     def job_spec(self, subject: Subject, dataset_id: str, model_id: str, seed: int) -> JobSpec:
         return JobSpec(
@@ -95,6 +100,11 @@ class Recipe:
             random_flip=True,
             use_lora=self.use_lora,
             lora_rank=self.lora_rank,
+            snr_gamma=self.snr_gamma,
+            noise_offset=self.noise_offset,
+            ema_decay=self.ema_decay,
+            optimizer=self.optimizer,
+            use_dora=self.use_dora,
             seed=seed,
             model_id=model_id,
         )

@@ -2,7 +2,9 @@
 
 `DREAMBOOTH` is the recipe ToyBench measured best on the toy-world base (docs/quality.md says
 how it was chosen); the other rows each change one thing of it, as the DreamBooth paper's
-ablations do.
+ablations do, or of `LORA` for the adapter recipes (DoRA, and Prodigy, which is mostly used on
+adapters and takes its learning rate of 1.0 with it). `CORE` are the rows the summary and
+`--quick` runs need; the recipe rows after them are measured by a full run.
 """
 
 from __future__ import annotations
@@ -18,4 +20,14 @@ TEXT_ENCODER = dataclasses.replace(
 )
 LORA = dataclasses.replace(DREAMBOOTH, name="lora", use_lora=True, learning_rate=1e-3)
 
-RECIPES: dict[str, Recipe] = {recipe.name: recipe for recipe in (DREAMBOOTH, NO_PRIOR, TEXT_ENCODER, LORA)}
+# Training recipes of the spec (docs/training.md), one each.
+SNR_5 = dataclasses.replace(DREAMBOOTH, name="snr-5", snr_gamma=5.0)
+NOISE_OFFSET = dataclasses.replace(DREAMBOOTH, name="noise-offset", noise_offset=0.05)
+EMA = dataclasses.replace(DREAMBOOTH, name="ema", ema_decay=0.9999)
+PRODIGY = dataclasses.replace(LORA, name="prodigy", optimizer="prodigy", learning_rate=1.0)
+DORA = dataclasses.replace(LORA, name="dora", use_dora=True)
+
+CORE = (DREAMBOOTH, NO_PRIOR, TEXT_ENCODER, LORA)
+RECIPES: dict[str, Recipe] = {
+    recipe.name: recipe for recipe in (*CORE, SNR_5, NOISE_OFFSET, EMA, PRODIGY, DORA)
+}

@@ -11,6 +11,13 @@ Accepted key spellings (all diffusers writes): `{component}.{path}.lora.down.wei
 `.lora.up.weight`, `.lora_linear_layer.down.weight` / `.up.weight` and peft's `.lora_A.weight` /
 `.lora_B.weight`; an optional `{component}.{path}.alpha` sets the layer's scale to alpha / rank
 (else 1, as diffusers does when a file has no alphas).
+
+DoRA adapters (`use_dora`: a layer also has `.lora_magnitude_vector`, one magnitude m per output
+feature) are served exactly as peft computes them: with s the layer's scaling and
+g = m / ||W + s B A|| (the norm of each output row of the adapted weight, held constant),
+y = Wx + b + (g - 1) * Wx + g * s * B(Ax). `DoraScale` holds g for the adapter at full
+strength (computed with peft's very ops, so the result has peft's bits) and the row norms'
+three terms, from which g at another request scale follows without keeping the base's weights.
 """
 
 from __future__ import annotations
@@ -33,21 +40,45 @@ _SUFFIXES = (
     (".lora_linear_layer.up.weight", "up"),
     (".lora_A.weight", "down"),
     (".lora_B.weight", "up"),
+    (".lora_magnitude_vector", "magnitude"),
     (".alpha", "alpha"),
 )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
+class DoraScale:
+    """DoRA's per-output factor g = m / ||W + s B A|| of one layer, for any scaling s."""
+
+    magnitude: torch.Tensor  # m, (out_features,)
+    at_alpha: torch.Tensor  # g at s = alpha_scale (a request scale of 1), with peft's ops
+    alpha_scale: float
+    norm_terms: torch.Tensor  # (3, out): ||W_j||^2, <W_j, (BA)_j>, ||(BA)_j||^2
+
+    def factor(self, scaling: float) -> torch.Tensor:
+        if scaling == self.alpha_scale:
+            return self.at_alpha
+        squared, cross, delta = self.norm_terms
+        norm = (squared + 2.0 * scaling * cross + scaling * scaling * delta).clamp_min(0.0).sqrt()
+        return self.magnitude / norm
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.magnitude, self.at_alpha, self.norm_terms))
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class LoraLayer:
-    """One adapted Linear layer: delta(x) = alpha_scale * up(down(x))."""
+    """One adapted Linear layer: delta(x) = alpha_scale * up(down(x)) (DoRA: see `dora`)."""
 
     down: torch.Tensor  # (rank, in_features)
     up: torch.Tensor  # (out_features, rank)
     alpha_scale: float  # alpha / rank: peft's `scaling` before any request scale
+    dora: DoraScale | None = None  # a DoRA layer's magnitude factors
 
     @property
     def size_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.down, self.up))
+        own = sum(t.numel() * t.element_size() for t in (self.down, self.up))
+        return own + (self.dora.size_bytes if self.dora is not None else 0)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -150,8 +181,32 @@ def _layer(
     alpha = tensors.get("alpha")
     # peft's scaling is the Python float lora_alpha / r; diffusers sets lora_alpha = r without alphas.
     alpha_scale = float(alpha.item()) / rank if alpha is not None else rank / rank
-    return LoraLayer(
-        down=down.to(device=device, dtype=dtype).contiguous(),
-        up=up.to(device=device, dtype=dtype).contiguous(),
-        alpha_scale=alpha_scale,
+    down = down.to(device=device, dtype=dtype).contiguous()
+    up = up.to(device=device, dtype=dtype).contiguous()
+    dora = None
+    magnitude = tensors.get("magnitude")
+    if magnitude is not None:
+        if tuple(magnitude.shape) != (linear.out_features,):
+            raise FailedPrecondition(
+                f"LoRA model {model_id!r} does not fit its base: layer {name!r} has a DoRA magnitude "
+                f"of shape {tuple(magnitude.shape)} for {linear.out_features} output features"
+            )
+        dora = _dora_scale(magnitude.to(device=device, dtype=dtype), down, up, alpha_scale, linear.weight)
+    return LoraLayer(down=down, up=up, alpha_scale=alpha_scale, dora=dora)
+
+
+@torch.no_grad()
+def _dora_scale(
+    magnitude: torch.Tensor, down: torch.Tensor, up: torch.Tensor, alpha_scale: float, weight: torch.Tensor
+) -> DoraScale:
+    """peft's DoraLinearLayer: lora_weight = B(A(I))^T, norm = ||W + scaling * lora_weight|| by row."""
+    import torch.nn.functional as F
+
+    weight = weight.to(device=down.device, dtype=down.dtype)
+    eye = torch.eye(down.shape[1], device=down.device, dtype=down.dtype)
+    delta = F.linear(F.linear(eye, down), up).T
+    norm = torch.linalg.norm(weight + alpha_scale * delta, dim=1).to(weight.dtype)
+    terms = torch.stack([(weight * weight).sum(1), (weight * delta).sum(1), (delta * delta).sum(1)])
+    return DoraScale(
+        magnitude=magnitude, at_alpha=magnitude / norm, alpha_scale=alpha_scale, norm_terms=terms
     )

@@ -19,6 +19,10 @@ as peft adds it (where every row is adapted at scale 1, by the second GEMM itsel
 with beta 1 gives the bits of the product added afterwards, measured on every shape here). A
 2-D input (one token per row, where GEMM bits do depend on the row count) is computed per group
 of rows sharing an adapter instead, with peft's very ops.
+
+DoRA rows (lora.py) add peft's DoRA term instead: (g - 1) * (base output - bias) + g * s * B(Ax),
+with their own factors g stacked like their A and B (DoRA and plain rows get separate stacks).
+A request scale of 0 is the base alone for DoRA too (peft would still apply the magnitudes).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ class _Group:
     down: torch.Tensor  # (rank, in)
     up: torch.Tensor  # (out, rank)
     scaling: float  # alpha / rank x the request's adapter scale
+    dora: torch.Tensor | None = None  # (1, out): DoRA's factor g at this scaling
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +62,7 @@ class _Stack:
     down_t: torch.Tensor  # (rows, in, rank): a transposed view, as F.linear multiplies by A^T
     up_t: torch.Tensor  # (rows, rank, out)
     scales: torch.Tensor | None  # (rows, 1, 1); None when every scaling is 1
+    dora: torch.Tensor | None = None  # (rows, 1, out): DoRA's factors g (a stack of DoRA rows)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,18 +112,24 @@ def _groups(entries: list[_Entry], total: int) -> tuple[_Group, ...]:
     for entry in entries:
         grouped.setdefault((id(entry[1]), entry[2]), []).append(entry)
     return tuple(
-        _Group(_index([r for r, _, _ in group], total, layer.down.device), layer.down, layer.up, scaling)
+        _Group(
+            _index([r for r, _, _ in group], total, layer.down.device),
+            layer.down,
+            layer.up,
+            scaling,
+            None if layer.dora is None else layer.dora.factor(scaling).view(1, -1),
+        )
         for group in grouped.values()
         for _, layer, scaling in group[:1]
     )
 
 
 def _stacks(entries: list[_Entry], total: int) -> tuple[_Stack, ...]:
-    by_rank: dict[int, list[_Entry]] = {}
+    by_kind: dict[tuple[int, bool], list[_Entry]] = {}
     for entry in entries:
-        by_rank.setdefault(entry[1].down.shape[0], []).append(entry)
+        by_kind.setdefault((entry[1].down.shape[0], entry[1].dora is not None), []).append(entry)
     stacks = []
-    for group in by_rank.values():
+    for (_, is_dora), group in by_kind.items():
         down = group[0][1].down
         scalings = [scaling for _, _, scaling in group]
         scales = None
@@ -129,9 +141,15 @@ def _stacks(entries: list[_Entry], total: int) -> tuple[_Stack, ...]:
                 down_t=torch.stack([layer.down for _, layer, _ in group]).transpose(1, 2),
                 up_t=torch.stack([layer.up for _, layer, _ in group]).transpose(1, 2),
                 scales=scales,
+                dora=_dora_factors(group) if is_dora else None,
             )
         )
     return tuple(stacks)
+
+
+def _dora_factors(group: list[_Entry]) -> torch.Tensor:
+    factors = [layer.dora.factor(scaling) for _, layer, scaling in group if layer.dora is not None]
+    return torch.stack(factors).unsqueeze(1)
 
 
 @contextlib.contextmanager
@@ -171,18 +189,44 @@ def _forward_with_row_deltas(self: Any, x: torch.Tensor) -> torch.Tensor:
         return result
     if x.dim() == 3:
         for stack in deltas.stacks:
-            if stack.rows is None and stack.scales is None:  # every row, scale 1: add inside the GEMM
-                result.baddbmm_(torch.bmm(x, stack.down_t), stack.up_t)
+            if stack.dora is None and stack.rows is None and stack.scales is None:
+                result.baddbmm_(torch.bmm(x, stack.down_t), stack.up_t)  # every row, scale 1: in the GEMM
                 continue
             rows = x if stack.rows is None else x.index_select(0, stack.rows)
             update = torch.bmm(torch.bmm(rows, stack.down_t), stack.up_t)
-            _add(result, stack.rows, update if stack.scales is None else update * stack.scales)
+            if stack.dora is not None:
+                update = _dora_update(self, result, stack.rows, update, stack.dora, stack.scales)
+            elif stack.scales is not None:
+                update = update * stack.scales
+            _add(result, stack.rows, update)
         return result
     for group in deltas.groups:  # as peft: result + lora_B(lora_A(x)) * scaling
         rows = x if group.rows is None else x.index_select(0, group.rows)
         update = F.linear(F.linear(rows, group.down), group.up)
-        _add(result, group.rows, update if group.scaling == 1.0 else update * group.scaling)
+        if group.dora is not None:
+            update = _dora_update(self, result, group.rows, update, group.dora, group.scaling)
+        elif group.scaling != 1.0:
+            update = update * group.scaling
+        _add(result, group.rows, update)
     return result
+
+
+def _dora_update(
+    layer: Any,
+    result: torch.Tensor,
+    rows: torch.Tensor | None,
+    lora_result: torch.Tensor,
+    factor: torch.Tensor,
+    scaling: torch.Tensor | float | None,
+) -> torch.Tensor:
+    """peft's DoRA term for these rows: (g - 1) * (base output - bias) + g * B(Ax) * scaling."""
+    base = result if rows is None else result.index_select(0, rows)
+    if layer.bias is not None:
+        base = base - layer.bias
+    scaled = factor * lora_result
+    if scaling is not None:
+        scaled = scaled * scaling
+    return (factor - 1) * base + scaled
 
 
 def _add(result: torch.Tensor, rows: torch.Tensor | None, update: torch.Tensor) -> None:

@@ -27,6 +27,12 @@ SPEC = JobSpec(
     validation_prompts=("sks dog",),
     model_id="my-dog",
     additional_concepts=(Concept("b" * 64, "a photo of zwx cat", "zwx", "a photo of cat"),),
+    use_lora=True,
+    snr_gamma=5.0,
+    noise_offset=0.05,
+    ema_decay=0.9999,
+    optimizer="prodigy",
+    use_dora=True,
 )
 
 
@@ -35,6 +41,7 @@ def test_a_spec_goes_to_proto_and_back_unchanged() -> None:
     assert proto.base_model == "models/tiny-sd" and proto.dataset == "datasets/" + "a" * 64
     assert proto.lr_schedule == trainer_pb2.LR_SCHEDULE_COSINE
     assert proto.mixed_precision == trainer_pb2.MIXED_PRECISION_NO
+    assert proto.optimizer == trainer_pb2.OPTIMIZER_PRODIGY
     request = convert.spec_request_from_proto(proto)
     for field in dataclasses.fields(request):
         value = getattr(request, field.name)
@@ -61,8 +68,9 @@ def test_concept_fields_the_client_left_unset_stay_unset() -> None:
 
 
 def test_unset_enums_and_unknown_values() -> None:
-    request = convert.spec_request_from_proto(trainer_pb2.TrainingJobSpec(lr_schedule=99))
+    request = convert.spec_request_from_proto(trainer_pb2.TrainingJobSpec(lr_schedule=99, optimizer=9))
     assert request.lr_schedule == "unknown enum value 99" and request.mixed_precision is None
+    assert request.optimizer == "unknown enum value 9" and request.ema_decay is None
     # Every field has presence: unset means "use the default"; an explicit zero is what was sent.
     assert request.max_train_steps is None and request.prior_loss_weight is None
     assert request.with_prior_preservation is None and request.identifier_token is None

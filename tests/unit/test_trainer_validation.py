@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.local_store import LocalObjectStore
 from services.common.model_store import ModelStore
 from services.trainer.jobs.datasets import DatasetStore
@@ -152,6 +152,20 @@ BAD_FIELDS = [
     ({"model_id": "Not Valid!"}, "spec.model_id"),
     ({"max_train_steps": 20_000, "train_batch_size": 64, "resolution": 1024}, "spec"),  # the cost ceiling
     ({"prior_loss_weight": 0.0}, "spec.prior_loss_weight"),  # was silently 1.0
+    ({"snr_gamma": -5.0}, "spec.snr_gamma"),
+    ({"noise_offset": -0.1}, "spec.noise_offset"),
+    ({"noise_offset": 2.0}, "spec.noise_offset"),
+    ({"ema_decay": 1.0}, "spec.ema_decay"),
+    ({"ema_decay": 1.5}, "spec.ema_decay"),
+    ({"ema_decay": -0.1}, "spec.ema_decay"),
+    ({"use_dora": True}, "spec.use_dora"),  # without use_lora
+    ({"optimizer": "unknown enum value 9"}, "spec.optimizer"),
+    ({"optimizer": "unspecified"}, "spec.optimizer"),
+    ({"optimizer": "prodigy", "learning_rate": 1e-4}, "spec.learning_rate"),  # an AdamW-sized rate
+    (
+        {"optimizer": "prodigy", "learning_rate": None, "text_encoder_learning_rate": 0.5},
+        "spec.text_encoder_learning_rate",
+    ),
 ]
 
 
@@ -161,6 +175,38 @@ def test_bad_field_is_invalid_argument_naming_it(env, changes: dict[str, object]
         validate(env, **changes)
     assert info.value.field == field
     assert str(info.value).startswith(f"{field}: ")
+
+
+def test_recipe_defaults_are_off_and_prodigy_takes_its_own_learning_rate(env) -> None:
+    spec = validate(env)
+    assert (spec.snr_gamma, spec.noise_offset, spec.ema_decay, spec.optimizer, spec.use_dora) == (
+        0.0,
+        0.0,
+        0.0,
+        "adamw",
+        False,
+    )
+    prodigy = validate(env, optimizer="prodigy", learning_rate=None, train_text_encoder=True)
+    assert (prodigy.learning_rate, prodigy.text_encoder_learning_rate) == (1.0, 1.0)
+    assert validate(env, optimizer="prodigy", learning_rate=0.5).learning_rate == 0.5
+    assert validate(env, optimizer="prodigy", learning_rate=None, use_lora=True).learning_rate == 1.0
+    dora = validate(env, use_lora=True, use_dora=True, ema_decay=0.999, snr_gamma=5.0, noise_offset=0.05)
+    assert (dora.use_dora, dora.ema_decay, dora.snr_gamma, dora.noise_offset) == (True, 0.999, 5.0, 0.05)
+
+
+def test_adamw_8bit_needs_bitsandbytes_on_the_trainer(env) -> None:
+    models, datasets, request = env
+    request = dataclasses.replace(request, optimizer="adamw_8bit")
+    with pytest.raises(FailedPrecondition, match=r"^spec\.optimizer: adamw_8bit needs the bitsandbytes"):
+        validate_spec(request, limits=LIMITS, models=models, datasets=datasets, installed=lambda name: False)
+    spec = validate_spec(
+        request,
+        limits=LIMITS,
+        models=models,
+        datasets=datasets,
+        installed=lambda name: name == "bitsandbytes",
+    )
+    assert spec.optimizer == "adamw_8bit"
 
 
 def test_use_gpu_without_gpus_in_the_cluster(env) -> None:

@@ -130,6 +130,12 @@ def test_unset_takes_the_default_and_lora_its_own() -> None:
         ("seed", 1.5),
         ("learning_rate", float("inf")),
         ("resolution", 68),
+        ("snr_gamma", -1.0),
+        ("noise_offset", -0.1),
+        ("ema_decay", 1.0),  # the average would never move
+        ("ema_decay", -0.5),
+        ("optimizer", "unspecified"),
+        ("optimizer", "unknown enum value 9"),
     ],
 )
 def test_an_explicit_value_that_is_not_allowed_is_refused(name: str, value: object) -> None:
@@ -140,7 +146,16 @@ def test_an_explicit_value_that_is_not_allowed_is_refused(name: str, value: obje
 
 @pytest.mark.parametrize(
     ("name", "value"),
-    [("checkpointing_steps", 0), ("max_grad_norm", 0.0), ("validation_steps", 0), ("seed", 2**32 - 1)],
+    [
+        ("checkpointing_steps", 0),
+        ("max_grad_norm", 0.0),
+        ("validation_steps", 0),
+        ("seed", 2**32 - 1),
+        ("snr_gamma", 0.0),
+        ("noise_offset", 0.0),
+        ("ema_decay", 0.0),
+        ("ema_decay", 0.9999),
+    ],
 )
 def test_zero_where_zero_has_a_documented_meaning_is_kept(name: str, value: object) -> None:
     assert check_field(FIELDS_BY_NAME[name], value, LIMITS, use_lora=False) == value
@@ -171,12 +186,19 @@ def test_the_cli_has_a_flag_per_row_and_sends_only_what_was_given() -> None:
             "one",
             "--validation-prompt",
             "two",
+            "--optimizer",
+            "prodigy",
+            "--ema-decay",
+            "0.999",
+            "--dora",
         ]
     )
     spec = messages.build_training_spec(**{row.name: getattr(given, row.name) for row in FIELDS})
     assert spec.HasField("checkpointing_steps") and spec.checkpointing_steps == 0
     assert spec.lr_schedule == trainer_pb2.LR_SCHEDULE_COSINE and spec.use_lora
     assert list(spec.validation_prompts) == ["one", "two"]
+    assert spec.optimizer == trainer_pb2.OPTIMIZER_PRODIGY and spec.use_dora
+    assert spec.ema_decay == pytest.approx(0.999) and not spec.HasField("snr_gamma")
     assert not spec.HasField("max_train_steps") and not spec.HasField("prior_loss_weight")
 
 
@@ -209,3 +231,11 @@ def test_sdk_aliases_come_from_the_cli_flags() -> None:
     assert messages.SPEC_ALIASES["steps"] == "max_train_steps"
     assert messages.SPEC_ALIASES["lr"] == "learning_rate"
     assert messages.build_training_spec(steps=7, workers=2).num_workers == 2
+
+
+def test_the_cli_refuses_an_ema_decay_of_one() -> None:
+    parser = cli.build_parser()
+    required = ["train", "--base-model", "tiny", "--dataset", "datasets/x", "--instance-prompt", "sks dog"]
+    with pytest.raises(SystemExit):
+        parser.parse_args([*required, "--ema-decay", "1"])
+    assert parser.parse_args([*required, "--ema-decay", "0.99"]).ema_decay == 0.99

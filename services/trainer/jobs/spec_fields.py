@@ -96,16 +96,19 @@ def _check_number(field: SpecField, name: str, value: Any, limits: SpecLimits) -
         raise InvalidArgument(name, f"must be a whole number, got {value}")
     low, high = bound(field.low, limits), bound(field.high, limits)
     too_low = low is not None and (value <= low if field.low_exclusive else value < low)
-    if too_low or (high is not None and value > high):
-        raise InvalidArgument(name, f"must be {_range(low, high, field.low_exclusive)}, got {value:g}")
+    too_high = high is not None and (value >= high if field.high_exclusive else value > high)
+    if too_low or too_high:
+        raise InvalidArgument(name, f"must be {_range(field, low, high)}, got {value:g}")
     if field.multiple_of > 1 and value % field.multiple_of:
         raise InvalidArgument(name, f"must be a multiple of {field.multiple_of}, got {value:g}")
     return field.type(value)
 
 
-def _range(low: float | None, high: float | None, exclusive: bool) -> str:
-    if low is not None and high is not None:
-        return f"greater than {low:g} and at most {high:g}" if exclusive else f"between {low:g} and {high:g}"
-    if low is not None:
-        return f"greater than {low:g}" if exclusive else f"at least {low:g}"
-    return f"at most {high:g}"
+def _range(field: SpecField, low: float | None, high: float | None) -> str:
+    above = "" if low is None else f"{'greater than' if field.low_exclusive else 'at least'} {low:g}"
+    below = "" if high is None else f"{'less than' if field.high_exclusive else 'at most'} {high:g}"
+    if above and below:
+        if not field.low_exclusive and not field.high_exclusive:
+            return f"between {low:g} and {high:g}"
+        return f"{above} and {below}"
+    return above or below

@@ -11,13 +11,14 @@ never a silent default.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from services.common.cost import check_cost, training_cost
-from services.common.errors import AlreadyExists, InvalidArgument, NotFound
+from services.common.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
 from services.common.model_store import ModelStore, blob_key, parse_model_name, validate_model_id
 from services.trainer.dataset_layout import parse_dataset_name
 from services.trainer.job_spec import FIELDS, FIELDS_BY_NAME, Concept, JobSpec, SpecRequest
@@ -66,6 +67,11 @@ class StoreModelCatalog:
 
 GpuCounter = Callable[[], "int | None"]
 CONCEPTS = "spec.additional_concepts"
+PackageProbe = Callable[[str], bool]  # is this Python package installed here?
+
+
+def package_installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def validate_spec(
@@ -75,6 +81,7 @@ def validate_spec(
     models: ModelCatalog,
     datasets: DatasetCatalog,
     gpu_count: GpuCounter | None = None,
+    installed: PackageProbe = package_installed,
 ) -> JobSpec:
     """The resolved JobSpec, or the first problem as InvalidArgument / NotFound / AlreadyExists.
 
@@ -118,6 +125,10 @@ def validate_spec(
             "spec.lr_warmup_steps",
             "the constant schedule has no warm-up: use constant_with_warmup, cosine or linear",
         )
+    if values["use_dora"] and not values["use_lora"]:
+        raise InvalidArgument("spec.use_dora", "needs use_lora (DoRA is a kind of LoRA adapter)")
+    if values["optimizer"] == "prodigy":
+        _resolve_prodigy_rates(values, learning_rate_set=request.learning_rate is not None)
     if values["text_encoder_learning_rate"] is None:
         values["text_encoder_learning_rate"] = values["learning_rate"]
     if values["mixed_precision"] is None:
@@ -128,6 +139,12 @@ def validate_spec(
             f"{values['mixed_precision']} needs use_gpu (training on CPU runs in fp32: use 'no')",
         )
     _check_gpus(values["use_gpu"], values["num_workers"], gpu_count)
+    if values["optimizer"] == "adamw_8bit" and not installed("bitsandbytes"):
+        raise FailedPrecondition(
+            "spec.optimizer: adamw_8bit needs the bitsandbytes package on the trainer and its Ray "
+            "workers, and this trainer has none (pip install 'dreambooth-service[adamw-8bit]'); "
+            "use adamw or prodigy"
+        )
     values["model_id"] = values["model_id"] or ""
 
     # 4. Things in the store: the base model, its default resolution, the dataset, the output id.
@@ -254,6 +271,31 @@ def _datasets(values: dict[str, Any]) -> Iterator[tuple[str, str]]:
     yield "spec.dataset", values["dataset"]
     for index, concept in enumerate(values["additional_concepts"]):
         yield f"{CONCEPTS}[{index}].dataset", concept.dataset
+
+
+# Prodigy estimates its own step size; the learning rate multiplies that estimate (1.0 is the
+# convention). Below this an AdamW-sized rate was meant, and it would all but stop training.
+PRODIGY_LEARNING_RATE = 1.0
+PRODIGY_MIN_LEARNING_RATE = 0.1
+
+
+def _resolve_prodigy_rates(values: dict[str, Any], *, learning_rate_set: bool) -> None:
+    if not learning_rate_set:
+        values["learning_rate"] = PRODIGY_LEARNING_RATE
+    elif values["learning_rate"] < PRODIGY_MIN_LEARNING_RATE:
+        raise InvalidArgument(
+            "spec.learning_rate",
+            f"with the prodigy optimizer it scales Prodigy's own step-size estimate: use "
+            f"{PRODIGY_MIN_LEARNING_RATE:g}..1 (unset = {PRODIGY_LEARNING_RATE:g}), "
+            f"got {values['learning_rate']:g}",
+        )
+    text_rate = values["text_encoder_learning_rate"]
+    if text_rate is not None and text_rate != values["learning_rate"]:
+        raise InvalidArgument(
+            "spec.text_encoder_learning_rate",
+            f"prodigy takes one rate for every parameter: leave it unset or equal to learning_rate "
+            f"({values['learning_rate']:g}), got {text_rate:g}",
+        )
 
 
 def _check_gpus(use_gpu: bool, num_workers: int, gpu_count: GpuCounter | None) -> None:

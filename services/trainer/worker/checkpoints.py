@@ -5,6 +5,7 @@ Layout (DESIGN §5), one folder per checkpoint:
     jobs/{job_id}/checkpoints/step-{n:08d}/trainable.safetensors   trained weights (full or LoRA)
     jobs/{job_id}/checkpoints/step-{n:08d}/optimizer.safetensors   optimizer tensors (Adam moments)
     jobs/{job_id}/checkpoints/step-{n:08d}/rng.safetensors         torch RNG states
+    jobs/{job_id}/checkpoints/step-{n:08d}/ema.safetensors         averaged weights (ema_decay only)
     jobs/{job_id}/checkpoints/step-{n:08d}/checkpoint.json         everything else; written LAST
 
 A checkpoint exists only once its checkpoint.json does (like a model's manifest), so a process
@@ -19,7 +20,8 @@ import json
 import re
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ COMMIT_FILE = "checkpoint.json"
 TRAINABLE_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
+EMA_FILE = "ema.safetensors"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -57,6 +60,8 @@ class TrainingState:
     grad_scaler: dict[str, Any]  # torch.amp.GradScaler state_dict ({} when unused)
     rng: dict[str, torch.Tensor]  # "torch" and, on GPU, "cuda"
     info: dict[str, Any]  # job id, world size, spec digest: for humans and sanity checks
+    ema: dict[str, torch.Tensor] = field(default_factory=dict)  # averaged weights ({} without EMA)
+    ema_updates: int = 0  # updates folded into `ema`
 
 
 def list_steps(store: ObjectStore, job_id: str) -> tuple[list[int], list[int]]:
@@ -92,9 +97,11 @@ def save(store: ObjectStore, job_id: str, state: TrainingState) -> float:
             OPTIMIZER_FILE: optimizer_tensors,
             RNG_FILE: state.rng,
         }
+        if state.ema:
+            files[EMA_FILE] = state.ema
         for name, tensors in files.items():
             path = Path(tmp) / name
-            save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+            save_file(_unshared(tensors), str(path))
             store.put_file(prefix + name, path)
     store.put_json(
         prefix + COMMIT_FILE,
@@ -105,10 +112,25 @@ def save(store: ObjectStore, job_id: str, state: TrainingState) -> float:
             "lr_scheduler": _jsonable(state.lr_scheduler),
             "grad_scaler": _jsonable(state.grad_scaler),
             "info": state.info,
+            **({"ema_updates": state.ema_updates} if state.ema else {}),
         },
     )
     prune(store, job_id)
     return time.monotonic() - started
+
+
+def _unshared(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU tensors for safetensors, which refuses tensors sharing memory (bitsandbytes' optimizer
+    states share their quantisation maps): a tensor whose memory was seen already is copied."""
+    seen: set[int] = set()
+    result = {}
+    for key, value in tensors.items():
+        value = value.detach().cpu().contiguous()
+        if value.untyped_storage().data_ptr() in seen:
+            value = value.clone()
+        seen.add(value.untyped_storage().data_ptr())
+        result[key] = value
+    return result
 
 
 def load(store: ObjectStore, job_id: str, step: int) -> TrainingState:
@@ -119,7 +141,8 @@ def load(store: ObjectStore, job_id: str, step: int) -> TrainingState:
             raise ValueError(f"unexpected format {meta.get('format_version')!r} or step {meta.get('step')!r}")
         with tempfile.TemporaryDirectory(prefix="dreambooth-ckpt-") as tmp:
             tensors = {}
-            for name in (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE):
+            has_ema = "ema_updates" in meta
+            for name in (TRAINABLE_FILE, OPTIMIZER_FILE, RNG_FILE, *([EMA_FILE] if has_ema else [])):
                 path = Path(tmp) / name
                 store.get_file(prefix + name, path)
                 tensors[name] = load_file(str(path))  # safetensors: data only, never code
@@ -131,6 +154,8 @@ def load(store: ObjectStore, job_id: str, step: int) -> TrainingState:
             grad_scaler=meta["grad_scaler"],
             rng=tensors[RNG_FILE],
             info=meta.get("info", {}),
+            ema=tensors.get(EMA_FILE, {}),
+            ema_updates=int(meta.get("ema_updates", 0)),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise DataCorruption(f"checkpoint {prefix} of job {job_id!r} is malformed: {err}") from err
@@ -154,14 +179,15 @@ def delete_all(store: ObjectStore, job_id: str) -> int:
 
 
 # Optimizer state <-> (tensors, JSON). torch's state_dict is {"state": {param_index: {name: value}},
-# "param_groups": [{...hyper-parameters, "params": [indices]}]}.
+# "param_groups": [{...hyper-parameters, "params": [indices]}]}. A value may itself be a dict
+# (bitsandbytes keeps its 8-bit state in one): its entries are stored under "name/inner".
 
 
 def split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors: dict[str, torch.Tensor] = {}
     scalars: dict[str, dict[str, Any]] = {}
     for index, values in state_dict["state"].items():
-        for name, value in values.items():
+        for name, value in _flatten(values):
             if isinstance(value, torch.Tensor):
                 tensors[f"{index}.{name}"] = value
             else:
@@ -173,9 +199,10 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
     state: dict[int, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         index, _, name = key.partition(".")
-        state.setdefault(int(index), {})[name] = tensor
+        _nest(state.setdefault(int(index), {}), name, tensor)
     for index, values in meta["scalars"].items():
-        state.setdefault(int(index), {}).update(values)
+        for name, value in values.items():
+            _nest(state.setdefault(int(index), {}), name, value)
     groups = []
     for group in meta["param_groups"]:
         group = dict(group)
@@ -183,6 +210,21 @@ def join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
             group["betas"] = tuple(group["betas"])
         groups.append(group)
     return {"state": state, "param_groups": groups}
+
+
+def _flatten(values: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for name, value in values.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{name}/")
+        else:
+            yield f"{prefix}{name}", value
+
+
+def _nest(target: dict[str, Any], path: str, value: Any) -> None:
+    *outer, name = path.split("/")
+    for part in outer:
+        target = target.setdefault(part, {})
+    target[name] = value
 
 
 def _jsonable(value: Any) -> Any:

@@ -6,11 +6,11 @@
     2. Base model from the model store; the trainable part (full UNet, or LoRA adapters)
     3. Resume from the job's newest checkpoint in the store, if any
     4. Data: every subject's and class-prior set's latents, text embeddings — once, before the loop
-    5. Optimizer, LR schedule, DDP
+    5. Optimizer, LR schedule, DDP; rank 0's average of the weights (ema_decay)
     6. The loop: instance + class examples in one batch (several subjects: in turn), noise MSE
        + w x prior MSE, gradient accumulation, clipping, mixed precision; every N steps a
        checkpoint; previews
-    7. Rank 0 publishes the model
+    7. Rank 0 publishes the model (the averaged weights when there is an average)
 
 Everything the worker needs arrives in `config` (never globals). Every worker runs the same
 collectives and `ray.train.report` calls at the same points; only rank 0 writes to the store
@@ -38,6 +38,7 @@ from services.trainer.training_events import (
     StartedEvent,
 )
 from services.trainer.worker import checkpoints
+from services.trainer.worker.ema import WeightAverage, make_average, maybe_applied
 from services.trainer.worker.loss import dreambooth_loss
 from services.trainer.worker.models import (
     configure_trainable,
@@ -46,7 +47,7 @@ from services.trainer.worker.models import (
     trainable_state,
     trained_modules,
 )
-from services.trainer.worker.optim import make_optimizer, no_sync
+from services.trainer.worker.optim import make_optimizer, no_sync, step_sizes
 from services.trainer.worker.previews import send_previews
 from services.trainer.worker.publish import publish
 from services.trainer.worker.runtime import RayRuntime, Runtime, WorkerJob
@@ -124,6 +125,7 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
         if resumed.grad_scaler:
             scaler.load_state_dict(resumed.grad_scaler)
         restore_rng(resumed.rng)
+    average = make_average(modules, spec, resumed) if runtime.is_chief else None
     unet = modules["unet"]
     text_encoder = modules.get("text_encoder", models.text_encoder)
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -157,12 +159,14 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
             grad_norm: torch.Tensor | None = torch.nn.utils.clip_grad_norm_(params, spec.max_grad_norm)
         else:
             grad_norm = gradient_norm(params) if runtime.is_chief else None
-        learning_rate = optimizer.param_groups[0]["lr"]  # the UNet's rate this step used
-        learning_rates = [group["lr"] for group in optimizer.param_groups]
         scaler.step(optimizer)
         scaler.update()
+        learning_rates = step_sizes(optimizer)  # the rates this step used, the UNet's first
+        learning_rate = learning_rates[0]
         lr_scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        if average is not None:
+            average.update()
         done = step + 1
 
         mean_loss, cancelled = runtime.reduce_step(loss_sum / accumulation, runtime.poll_cancel())
@@ -187,21 +191,25 @@ def train(job: WorkerJob, runtime: Runtime) -> None:
         if checkpoint_due and done < spec.max_train_steps:
             pointer = None
             if runtime.is_chief:
-                pointer = save_checkpoint(job, store, done, modules, optimizer, lr_scheduler, scaler, runtime)
+                pointer = save_checkpoint(
+                    job, store, done, modules, optimizer, lr_scheduler, scaler, average, runtime
+                )
                 tracker.upload()
             runtime.report({"step": done, "loss": mean_loss}, pointer)
         previews_due = spec.validation_steps > 0 and done % spec.validation_steps == 0
         if spec.validation_prompts and previews_due and done < spec.max_train_steps and runtime.is_chief:
-            tracker.previews(done, send_previews(job, models, done, runtime, weight_dtype))
+            with maybe_applied(average):
+                tracker.previews(done, send_previews(job, models, done, runtime, weight_dtype))
 
     # 7. Publish (rank 0); every rank reports the end, so Ray sees one consistent last result.
     final_step = max(start_step, spec.max_train_steps)
     if runtime.is_chief:
-        if spec.validation_prompts:
-            tracker.previews(final_step, send_previews(job, models, final_step, runtime, weight_dtype))
-        tracker.finish(final_step)
-        runtime.send(PublishingEvent(step=final_step))
-        publish(job, model_store, models, modules)
+        with maybe_applied(average):  # what is previewed and published: the average, if any
+            if spec.validation_prompts:
+                tracker.previews(final_step, send_previews(job, models, final_step, runtime, weight_dtype))
+            tracker.finish(final_step)
+            runtime.send(PublishingEvent(step=final_step))
+            publish(job, model_store, models, modules)
         runtime.send(PublishedEvent(step=final_step, model_id=spec.model_id))
     runtime.report({"step": final_step, "published": True, "model_id": spec.model_id}, None)
 
@@ -217,6 +225,7 @@ def save_checkpoint(
     optimizer: Any,
     lr_scheduler: Any,
     scaler: Any,
+    average: WeightAverage | None,
     runtime: Runtime,
 ) -> dict[str, Any]:
     """Upload the full state to the store; returns the pointer Ray records as its checkpoint."""
@@ -228,6 +237,8 @@ def save_checkpoint(
         grad_scaler=scaler.state_dict() if scaler.is_enabled() else {},
         rng=rng_state(),
         info={"job_id": job.job_id, "world_size": runtime.world_size, "use_lora": job.spec.use_lora},
+        ema=average.state_dict() if average is not None else {},
+        ema_updates=average.updates if average is not None else 0,
     )
     seconds = checkpoints.save(store, job.job_id, state)
     runtime.send(CheckpointEvent(step=step, duration_seconds=seconds))

@@ -61,10 +61,15 @@ def configure_trainable(
     models.unet.requires_grad_(not spec.use_lora)
     if spec.use_lora:
         models.unet.to(device, weight_dtype)
-        models.unet.add_adapter(_lora_config(spec.lora_rank, LORA_UNET_TARGETS))
         if spec.train_text_encoder:
             models.text_encoder.to(device, weight_dtype)
-            models.text_encoder.add_adapter(_lora_config(spec.lora_rank, LORA_TEXT_TARGETS))
+        # peft draws the adapters' initial weights from the global generator: seed it from the
+        # spec, so a run is the same run whatever the process did before (and resumes onto it).
+        with torch.random.fork_rng():
+            torch.manual_seed(spec.seed)
+            models.unet.add_adapter(_lora_config(spec, LORA_UNET_TARGETS))
+            if spec.train_text_encoder:
+                models.text_encoder.add_adapter(_lora_config(spec, LORA_TEXT_TARGETS))
         for module in (models.unet, models.text_encoder):
             for param in module.parameters():
                 if param.requires_grad:
@@ -83,10 +88,18 @@ def configure_trainable(
         models.text_encoder.train()
 
 
-def _lora_config(rank: int, targets: list[str]) -> Any:
+def _lora_config(spec: JobSpec, targets: list[str]) -> Any:
+    """LoRA adapters of the spec's rank; with use_dora, DoRA's (a trained magnitude per output
+    feature on top of the low-rank direction update)."""
     from peft import LoraConfig
 
-    return LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian", target_modules=targets)
+    return LoraConfig(
+        r=spec.lora_rank,
+        lora_alpha=spec.lora_rank,
+        init_lora_weights="gaussian",
+        target_modules=targets,
+        use_dora=spec.use_dora,
+    )
 
 
 def trained_modules(models: Models, spec: JobSpec) -> dict[str, torch.nn.Module]:

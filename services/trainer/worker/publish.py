@@ -28,8 +28,10 @@ def publish(
     spec = job.spec
     if model_store.published_by(spec.model_id, job.job_id):
         return  # an earlier attempt of this job published it
-    method = "dreambooth-lora" if spec.use_lora else "dreambooth"
+    method = ("dreambooth-dora" if spec.use_dora else "dreambooth-lora") if spec.use_lora else "dreambooth"
     labels = {"method": method, "steps": str(spec.max_train_steps)}
+    if spec.ema_decay:
+        labels["ema_decay"] = f"{spec.ema_decay:g}"  # the published weights are the average
     scratch = Path(model_store.cache_dir)
     scratch.mkdir(parents=True, exist_ok=True)
     out = Path(tempfile.mkdtemp(prefix=".publish-", dir=scratch))  # same filesystem: hard links work
@@ -85,6 +87,7 @@ def write_lora_folder(out: Path, modules: dict[str, torch.nn.Module], spec: JobS
     info = {
         "base_model": spec.base_model,
         "lora_rank": spec.lora_rank,
+        "use_dora": spec.use_dora,
         "weight_name": LORA_WEIGHTS_FILE,
         "components": sorted(modules),
     }

@@ -77,13 +77,16 @@ def check_value(field: SpecField, value: Any) -> Any:
 def bounds_text(field: SpecField) -> str:
     """`0..4294967295`, `>0..1`: the bounds the table states as numbers ("" for a named bound)."""
     low, high = _numeric(field.low), _numeric(field.high)
-    return f"{'>' if field.low_exclusive else ''}{_num(low)}..{_num(high)}"
+    return (
+        f"{'>' if field.low_exclusive else ''}{_num(low)}..{'<' if field.high_exclusive else ''}{_num(high)}"
+    )
 
 
 def _check_bounds(field: SpecField, value: float) -> None:
     low, high = _numeric(field.low), _numeric(field.high)
     too_low = low is not None and (value <= low if field.low_exclusive else value < low)
-    if too_low or (high is not None and value > high):
+    too_high = high is not None and (value >= high if field.high_exclusive else value > high)
+    if too_low or too_high:
         raise SpecValueError(f"must be in {bounds_text(field)}, got {_num(value)}")
 
 

@@ -39,6 +39,7 @@ def _enum_names(enum: Any, prefix: str) -> tuple[str, ...]:
 
 LR_SCHEDULES = _enum_names(trainer_pb2.LrSchedule, "LR_SCHEDULE_")
 MIXED_PRECISIONS = _enum_names(trainer_pb2.MixedPrecision, "MIXED_PRECISION_")
+OPTIMIZERS = _enum_names(trainer_pb2.Optimizer, "OPTIMIZER_")
 _SAME = object()  # lora_default: the same as `default`
 
 
@@ -54,6 +55,7 @@ class SpecField:
     low: float | str | None = None  # a number, or the name of a server limit
     high: float | str | None = None  # a number, or the name of a server limit (trainer SpecLimits)
     low_exclusive: bool = False  # the value must be greater than `low`
+    high_exclusive: bool = False  # the value must be less than `high`
     multiple_of: int = 1
     choices: tuple[str, ...] = ()  # for enum fields: the values' names (proto name minus prefix, lower)
     pattern: str = ""  # a regular expression the whole value must match
@@ -170,7 +172,7 @@ FIELDS: tuple[SpecField, ...] = (
         "learning_rate",
         float,
         5e-6,
-        "UNet learning rate",
+        "UNet learning rate (with the prodigy optimizer: the scale of its own estimate, 0.1..1, unset 1)",
         flag="--lr",
         lora_default=1e-4,
         low=0.0,
@@ -270,6 +272,32 @@ FIELDS: tuple[SpecField, ...] = (
     SpecField("num_workers", int, 1, "Ray Train workers", flag="--workers", low=1, high="max_workers"),
     SpecField("use_gpu", bool, False, "one GPU per worker", flag="--gpu"),
     SpecField("model_id", str, "", "id of the published model", derived="job-JOBID"),
+    SpecField(
+        "snr_gamma",
+        float,
+        0.0,
+        "min-SNR-gamma loss weighting, e.g. 5 (0 = off)",
+        low=0.0,
+        high=1000.0,
+    ),
+    SpecField("noise_offset", float, 0.0, "offset noise, e.g. 0.05 (0 = off)", low=0.0, high=1.0),
+    SpecField(
+        "ema_decay",
+        float,
+        0.0,
+        "publish an exponential moving average of the weights with this decay, e.g. 0.9999 (0 = off)",
+        low=0.0,
+        high=1.0,
+        high_exclusive=True,
+    ),
+    SpecField(
+        "optimizer",
+        str,
+        "adamw",
+        "optimizer (adamw_8bit needs bitsandbytes on the trainer; prodigy sets its own step size)",
+        choices=OPTIMIZERS,
+    ),
+    SpecField("use_dora", bool, False, "DoRA (weight-decomposed) adapters; needs --lora", flag="--dora"),
     SpecField(
         "additional_concepts",
         tuple,

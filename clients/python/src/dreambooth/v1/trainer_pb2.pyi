@@ -30,6 +30,13 @@ class LrSchedule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     LR_SCHEDULE_COSINE: _ClassVar[LrSchedule]
     LR_SCHEDULE_LINEAR: _ClassVar[LrSchedule]
 
+class Optimizer(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    OPTIMIZER_UNSPECIFIED: _ClassVar[Optimizer]
+    OPTIMIZER_ADAMW: _ClassVar[Optimizer]
+    OPTIMIZER_ADAMW_8BIT: _ClassVar[Optimizer]
+    OPTIMIZER_PRODIGY: _ClassVar[Optimizer]
+
 class MixedPrecision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     MIXED_PRECISION_UNSPECIFIED: _ClassVar[MixedPrecision]
@@ -49,6 +56,10 @@ LR_SCHEDULE_CONSTANT: LrSchedule
 LR_SCHEDULE_CONSTANT_WITH_WARMUP: LrSchedule
 LR_SCHEDULE_COSINE: LrSchedule
 LR_SCHEDULE_LINEAR: LrSchedule
+OPTIMIZER_UNSPECIFIED: Optimizer
+OPTIMIZER_ADAMW: Optimizer
+OPTIMIZER_ADAMW_8BIT: Optimizer
+OPTIMIZER_PRODIGY: Optimizer
 MIXED_PRECISION_UNSPECIFIED: MixedPrecision
 MIXED_PRECISION_NO: MixedPrecision
 MIXED_PRECISION_BF16: MixedPrecision
@@ -89,7 +100,7 @@ class Dataset(_message.Message):
     def __init__(self, name: _Optional[str] = ..., image_count: _Optional[int] = ..., size_bytes: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class TrainingJobSpec(_message.Message):
-    __slots__ = ("base_model", "dataset", "instance_prompt", "identifier_token", "class_prompt", "with_prior_preservation", "prior_loss_weight", "num_class_images", "max_train_steps", "learning_rate", "train_text_encoder", "text_encoder_learning_rate", "lr_schedule", "lr_warmup_steps", "resolution", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "seed", "checkpointing_steps", "validation_prompts", "validation_steps", "center_crop", "random_flip", "use_lora", "lora_rank", "num_workers", "use_gpu", "model_id", "class_negative_prompt", "prior_steps", "additional_concepts")
+    __slots__ = ("base_model", "dataset", "instance_prompt", "identifier_token", "class_prompt", "with_prior_preservation", "prior_loss_weight", "num_class_images", "max_train_steps", "learning_rate", "train_text_encoder", "text_encoder_learning_rate", "lr_schedule", "lr_warmup_steps", "resolution", "train_batch_size", "gradient_accumulation_steps", "max_grad_norm", "mixed_precision", "gradient_checkpointing", "seed", "checkpointing_steps", "validation_prompts", "validation_steps", "center_crop", "random_flip", "use_lora", "lora_rank", "num_workers", "use_gpu", "model_id", "class_negative_prompt", "prior_steps", "snr_gamma", "noise_offset", "ema_decay", "optimizer", "use_dora", "additional_concepts")
     BASE_MODEL_FIELD_NUMBER: _ClassVar[int]
     DATASET_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +134,11 @@ class TrainingJobSpec(_message.Message):
     MODEL_ID_FIELD_NUMBER: _ClassVar[int]
     CLASS_NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     PRIOR_STEPS_FIELD_NUMBER: _ClassVar[int]
+    SNR_GAMMA_FIELD_NUMBER: _ClassVar[int]
+    NOISE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    EMA_DECAY_FIELD_NUMBER: _ClassVar[int]
+    OPTIMIZER_FIELD_NUMBER: _ClassVar[int]
+    USE_DORA_FIELD_NUMBER: _ClassVar[int]
     ADDITIONAL_CONCEPTS_FIELD_NUMBER: _ClassVar[int]
     base_model: str
     dataset: str
@@ -157,8 +173,13 @@ class TrainingJobSpec(_message.Message):
     model_id: str
     class_negative_prompt: str
     prior_steps: int
+    snr_gamma: float
+    noise_offset: float
+    ema_decay: float
+    optimizer: Optimizer
+    use_dora: bool
     additional_concepts: _containers.RepeatedCompositeFieldContainer[TrainingConcept]
-    def __init__(self, base_model: _Optional[str] = ..., dataset: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., with_prior_preservation: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_text_encoder: _Optional[bool] = ..., text_encoder_learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., resolution: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpointing_steps: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., validation_steps: _Optional[int] = ..., center_crop: _Optional[bool] = ..., random_flip: _Optional[bool] = ..., use_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., use_gpu: _Optional[bool] = ..., model_id: _Optional[str] = ..., class_negative_prompt: _Optional[str] = ..., prior_steps: _Optional[int] = ..., additional_concepts: _Optional[_Iterable[_Union[TrainingConcept, _Mapping]]] = ...) -> None: ...
+    def __init__(self, base_model: _Optional[str] = ..., dataset: _Optional[str] = ..., instance_prompt: _Optional[str] = ..., identifier_token: _Optional[str] = ..., class_prompt: _Optional[str] = ..., with_prior_preservation: _Optional[bool] = ..., prior_loss_weight: _Optional[float] = ..., num_class_images: _Optional[int] = ..., max_train_steps: _Optional[int] = ..., learning_rate: _Optional[float] = ..., train_text_encoder: _Optional[bool] = ..., text_encoder_learning_rate: _Optional[float] = ..., lr_schedule: _Optional[_Union[LrSchedule, str]] = ..., lr_warmup_steps: _Optional[int] = ..., resolution: _Optional[int] = ..., train_batch_size: _Optional[int] = ..., gradient_accumulation_steps: _Optional[int] = ..., max_grad_norm: _Optional[float] = ..., mixed_precision: _Optional[_Union[MixedPrecision, str]] = ..., gradient_checkpointing: _Optional[bool] = ..., seed: _Optional[int] = ..., checkpointing_steps: _Optional[int] = ..., validation_prompts: _Optional[_Iterable[str]] = ..., validation_steps: _Optional[int] = ..., center_crop: _Optional[bool] = ..., random_flip: _Optional[bool] = ..., use_lora: _Optional[bool] = ..., lora_rank: _Optional[int] = ..., num_workers: _Optional[int] = ..., use_gpu: _Optional[bool] = ..., model_id: _Optional[str] = ..., class_negative_prompt: _Optional[str] = ..., prior_steps: _Optional[int] = ..., snr_gamma: _Optional[float] = ..., noise_offset: _Optional[float] = ..., ema_decay: _Optional[float] = ..., optimizer: _Optional[_Union[Optimizer, str]] = ..., use_dora: _Optional[bool] = ..., additional_concepts: _Optional[_Iterable[_Union[TrainingConcept, _Mapping]]] = ...) -> None: ...
 
 class TrainingConcept(_message.Message):
     __slots__ = ("dataset", "instance_prompt", "identifier_token", "class_prompt")
