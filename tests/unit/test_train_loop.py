@@ -19,19 +19,18 @@ from services.common.settings import StoreSettings
 from services.trainer.dataset_layout import write_dataset
 from services.trainer.job_spec import Concept, JobSpec
 from services.trainer.training_events import (
-    CheckpointEvent,
     PreviewEvent,
     ProgressEvent,
     PublishedEvent,
     PublishingEvent,
     StartedEvent,
-    TrainingEvent,
 )
 from services.trainer.worker import checkpoints
 from services.trainer.worker.loop import train
 from services.trainer.worker.publish import LORA_INFO_FILE, LORA_WEIGHTS_FILE, load_lora_pipeline
 from services.trainer.worker.runtime import Runtime, WorkerJob
 from tests.fixtures.models import TINY_MODEL_ID
+from tests.fixtures.tiny_training import CancelAfterCheckpoint, stock_store
 from tests.fixtures.trainer_server import make_png
 
 DATASET = "d" * 64
@@ -41,13 +40,7 @@ PRIORS = "priors/test/"
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> StoreSettings:
     """A local store holding the tiny model, a 4-image dataset and 4 class-prior images."""
-    settings = StoreSettings(store_dir=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
-    store = LocalObjectStore(tmp_path / "store")
-    ModelStore(store, tmp_path / "cache").import_folder(tiny_model_dir, TINY_MODEL_ID)
-    write_dataset(store, DATASET, [make_png(index) for index in range(4)])
-    for index in range(4):
-        store.put_bytes(f"{PRIORS}images/{index:05d}.png", make_png(100 + index))
-    return settings
+    return stock_store(tmp_path, tiny_model_dir, DATASET, PRIORS, images=4, prior_seed=100)
 
 
 def _spec(**overrides: object) -> JobSpec:
@@ -64,15 +57,6 @@ def _spec(**overrides: object) -> JobSpec:
         model_id="fine-tuned",
     )
     return dataclasses.replace(base, **overrides)
-
-
-class CancelAfterCheckpoint(Runtime):
-    """A user who cancels as soon as the first checkpoint is written."""
-
-    def send(self, event: TrainingEvent) -> None:
-        super().send(event)
-        if isinstance(event, CheckpointEvent):
-            self.cancelled.set()
 
 
 def _run(settings: StoreSettings, spec: JobSpec, job_id: str, runtime: Runtime | None = None) -> Runtime:

@@ -25,9 +25,8 @@ from services.inference.core import InferenceCore
 from services.inference.metrics import InferenceMetrics
 from services.inference.params import FinalImage, GenerateParams
 from services.inference.settings import InferenceSettings
-from services.trainer.dataset_layout import write_dataset
 from services.trainer.job_spec import JobSpec
-from services.trainer.training_events import CheckpointEvent, ProgressEvent, TrainingEvent
+from services.trainer.training_events import ProgressEvent
 from services.trainer.worker import checkpoints
 from services.trainer.worker.loop import train
 from services.trainer.worker.loss import draw_noise, dreambooth_loss
@@ -37,7 +36,7 @@ from services.trainer.worker.runtime import Runtime, WorkerJob
 from services.trainer.worker.snr import min_snr_weights, signal_to_noise
 from services.trainer.worker.training_data import prepare_data, step_generator
 from tests.fixtures.models import TINY_MODEL_ID
-from tests.fixtures.trainer_server import make_png
+from tests.fixtures.tiny_training import CancelAfterCheckpoint, stock_store
 
 DATASET = "e" * 64
 PRIORS = "priors/recipes/"
@@ -49,13 +48,7 @@ def settings(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> 
     """A local store with the tiny model, a 4-image dataset and 4 class-prior images (shared by
     the module's runs: each publishes under its own model id)."""
     root = tmp_path_factory.mktemp("recipes")
-    settings = StoreSettings(store_dir=str(root / "store"), cache_dir=str(root / "cache"))
-    store = LocalObjectStore(root / "store")
-    ModelStore(store, root / "cache").import_folder(tiny_model_dir, TINY_MODEL_ID)
-    write_dataset(store, DATASET, [make_png(index) for index in range(4)])
-    for index in range(4):
-        store.put_bytes(f"{PRIORS}images/{index:05d}.png", make_png(200 + index))
-    return settings
+    return stock_store(root, tiny_model_dir, DATASET, PRIORS, images=4, prior_seed=200)
 
 
 def _spec(**overrides: Any) -> JobSpec:
@@ -71,15 +64,6 @@ def _spec(**overrides: Any) -> JobSpec:
         checkpointing_steps=2,
     )
     return dataclasses.replace(base, **overrides)
-
-
-class CancelAfterCheckpoint(Runtime):
-    """A user who cancels as soon as the first checkpoint is written."""
-
-    def send(self, event: TrainingEvent) -> None:
-        super().send(event)
-        if isinstance(event, CheckpointEvent):
-            self.cancelled.set()
 
 
 def _run(settings: StoreSettings, spec: JobSpec, runtime: Runtime | None = None) -> Runtime:

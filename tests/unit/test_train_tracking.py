@@ -12,19 +12,17 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.hparams import api_pb2, plugin_data_pb2
 
 from services.common.local_store import LocalObjectStore
-from services.common.model_store import ModelStore
 from services.common.object_store import ObjectStore
 from services.common.settings import StoreSettings
-from services.trainer.dataset_layout import write_dataset
 from services.trainer.job_spec import JobSpec
 from services.trainer.settings import TrackingSettings
-from services.trainer.training_events import CheckpointEvent, PreviewEvent, ProgressEvent, TrainingEvent
+from services.trainer.training_events import PreviewEvent, ProgressEvent
 from services.trainer.training_logs_layout import is_event_file_name, tensorboard_prefix
 from services.trainer.worker import mlflow_run, tracking
 from services.trainer.worker.loop import train
 from services.trainer.worker.runtime import Runtime, WorkerJob
 from tests.fixtures.models import TINY_MODEL_ID
-from tests.fixtures.trainer_server import make_png
+from tests.fixtures.tiny_training import CancelAfterCheckpoint, stock_store
 
 DATASET = "e" * 64
 PRIORS = "priors/tracking/"
@@ -34,12 +32,7 @@ EVERYTHING = {"scalars": 0, "images": 0, "tensors": 0}  # 0: keep every point (t
 @pytest.fixture
 def settings(tmp_path: Path, tiny_model_dir: Path) -> StoreSettings:
     """A local store holding the tiny model, a 2-image dataset and 2 class-prior images."""
-    store = LocalObjectStore(tmp_path / "store")
-    ModelStore(store, tmp_path / "cache").import_folder(tiny_model_dir, TINY_MODEL_ID)
-    write_dataset(store, DATASET, [make_png(index) for index in range(2)])
-    for index in range(2):
-        store.put_bytes(f"{PRIORS}images/{index:05d}.png", make_png(100 + index))
-    return StoreSettings(store_dir=str(tmp_path / "store"), cache_dir=str(tmp_path / "cache"))
+    return stock_store(tmp_path, tiny_model_dir, DATASET, PRIORS, images=2, prior_seed=100)
 
 
 def _spec(**overrides: object) -> JobSpec:
@@ -56,15 +49,6 @@ def _spec(**overrides: object) -> JobSpec:
         model_id="tracked",
     )
     return dataclasses.replace(base, **overrides)
-
-
-class CancelAfterCheckpoint(Runtime):
-    """A user who cancels as soon as the first checkpoint is written (the run stops a step later)."""
-
-    def send(self, event: TrainingEvent) -> None:
-        super().send(event)
-        if isinstance(event, CheckpointEvent):
-            self.cancelled.set()
 
 
 def _run(settings: StoreSettings, spec: JobSpec, job_id: str, runtime: Runtime, **job: object) -> Runtime:

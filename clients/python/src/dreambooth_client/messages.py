@@ -160,12 +160,6 @@ def is_terminal(state: int) -> bool:
 
 # ---------------------------------------------------------------- training spec
 
-_SPEC_CONVERTERS: dict[str, Callable[[Any], Any]] = {
-    "base_model": model_name,
-    "dataset": dataset_name,
-    "additional_concepts": lambda concepts: build_concepts(concepts),  # defined below
-}
-
 
 def build_training_spec(
     spec: trainer_pb2.TrainingJobSpec | Mapping[str, Any] | None = None, **fields: Any
@@ -286,6 +280,13 @@ def build_concept(concept: ConceptInput) -> trainer_pb2.TrainingConcept:
         except (TypeError, ValueError) as err:
             raise TypeError(f"training concept field {name!r}: {err}") from err
     return result
+
+
+_SPEC_CONVERTERS: dict[str, Callable[[Any], Any]] = {  # what build_training_spec accepts besides messages
+    "base_model": model_name,
+    "dataset": dataset_name,
+    "additional_concepts": build_concepts,
+}
 
 
 # ---------------------------------------------------------------- uploads
